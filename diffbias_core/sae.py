@@ -1,0 +1,221 @@
+"""TopK sparse autoencoder on a hidden activation of a diffusion model.
+
+    z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc))        x_hat = W_dec^T z + b_dec
+
+Two layouts share one module:
+
+* per-token (``kernel_size == 1``): one code per token or per spatial position; ``x`` is a
+  ``d_in`` vector (the channel dim of a ``(B, C, H, W)`` map, the last dim of ``(B, T, C)``).
+* convolutional (``kernel_size == K > 1``, the DiffLens SD1.5 layout): the encoder is a K x K
+  convolution over a K x K map, so the whole map gives one code. Internally this is a per-token
+  SAE on the flattened ``(C, K, K)`` map, ``n_in = d_in * K * K``; ``b_dec`` is per channel and
+  is broadcast over the K x K positions, as a ConvTranspose2d bias is.
+
+Weights are stored in the public file shapes: ``W_enc``/``W_dec`` are ``(num_latents, d_in)`` or
+``(num_latents, d_in, K, K)``, ``b_enc`` is ``(num_latents,)`` and ``b_dec`` is ``(d_in,)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+class SparseCode(NamedTuple):
+    """A k-sparse latent code.
+
+    values: (..., k) activations of the selected latents, >= 0, in descending order.
+    indices: (..., k) int64 latent ids in [0, num_latents).
+    """
+
+    values: Tensor
+    indices: Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK sparse autoencoder (per-token or K x K convolutional).
+
+    Args:
+        d_in: channel width of the hooked activation.
+        num_latents: dictionary size L.
+        k: number of active latents per code, 1 <= k <= L.
+        kernel_size: 1 for per-token codes; K > 1 for one code per K x K map.
+        hook: hook point name (``unet.middle``, ``dit.double.3``, ...), see DESIGN.md.
+        model_family: the model family the SAE was trained on (``sd15``, ``sdxl``, ``flux``, ``toy``...).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_latents: int,
+        k: int,
+        *,
+        kernel_size: int = 1,
+        hook: str = "unet.middle",
+        model_family: str = "unknown",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_in", d_in), ("num_latents", num_latents), ("k", k), ("kernel_size", kernel_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SparseAutoencoder: {name} must be a positive integer, got {value!r}")
+        if k > num_latents:
+            raise ValueError(f"SparseAutoencoder: k must be <= num_latents ({num_latents}), got {k}")
+        self.d_in = d_in
+        self.num_latents = num_latents
+        self.k = k
+        self.kernel_size = kernel_size
+        self.hook = hook
+        self.model_family = model_family
+        kernel = (kernel_size, kernel_size) if kernel_size > 1 else ()
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(num_latents, d_in, *kernel, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(num_latents, **factory))
+        self.W_dec = nn.Parameter(torch.empty(num_latents, d_in, *kernel, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def n_in(self) -> int:
+        """Length of one SAE input vector: ``d_in * kernel_size**2``."""
+        return self.d_in * self.kernel_size**2
+
+    @property
+    def w_enc_flat(self) -> Tensor:
+        """(num_latents, n_in) view of the encoder weight."""
+        return self.W_enc.reshape(self.num_latents, self.n_in)
+
+    @property
+    def w_dec_flat(self) -> Tensor:
+        """(num_latents, n_in) view of the decoder weight (row j is latent j's direction)."""
+        return self.W_dec.reshape(self.num_latents, self.n_in)
+
+    @property
+    def b_dec_flat(self) -> Tensor:
+        """(n_in,) decoder bias broadcast over the kernel positions, in (C, K, K) order."""
+        if self.kernel_size == 1:
+            return self.b_dec
+        return self.b_dec.repeat_interleave(self.kernel_size**2)
+
+    def reset_parameters(self) -> None:
+        """Unit-norm random decoder rows, encoder tied to the decoder, zero biases."""
+        with torch.no_grad():
+            w = torch.randn(self.num_latents, self.n_in, dtype=torch.float32)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w.reshape(self.W_dec.shape))
+            self.W_enc.copy_(w.reshape(self.W_enc.shape))
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    def check_width(self, width: int, where: str = "activation") -> None:
+        """Raise ValueError if ``width`` (the channel dim of an activation) is not ``d_in``."""
+        if width != self.d_in:
+            raise ValueError(
+                f"SAE for hook {self.hook!r} expects width {self.d_in}, but the {where} has width {width}; "
+                "use an SAE trained on this model's hook point"
+            )
+
+    def map_to_inputs(self, h: Tensor) -> Tensor:
+        """Spatial map to SAE inputs.
+
+        h: (B, d_in, H, W) -> (B, H*W, d_in) for kernel 1, (B, 1, d_in*K*K) for kernel K (needs H == W == K).
+        """
+        if h.ndim != 4:
+            raise ValueError(f"expected a (B, C, H, W) map, got shape {tuple(h.shape)}")
+        self.check_width(h.shape[1])
+        if self.kernel_size == 1:
+            return rearrange(h, "b c h w -> b (h w) c")
+        if h.shape[2] != self.kernel_size or h.shape[3] != self.kernel_size:
+            raise ValueError(
+                f"this SAE has a {self.kernel_size}x{self.kernel_size} kernel and codes whole "
+                f"{self.kernel_size}x{self.kernel_size} maps, but the map is {h.shape[2]}x{h.shape[3]}; "
+                "generate at the resolution it was trained for or use a per-token SAE"
+            )
+        return rearrange(h, "b c h w -> b 1 (c h w)")
+
+    def inputs_to_map(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Inverse of :meth:`map_to_inputs`. x: (B, P, n_in) -> (B, d_in, height, width)."""
+        if self.kernel_size == 1:
+            return rearrange(x, "b (h w) c -> b c h w", h=height, w=width)
+        return rearrange(x, "b 1 (c h w) -> b c h w", c=self.d_in, h=height, w=width)
+
+    # ------------------------------------------------------------------ math
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Dense ReLU pre-activations. x: (..., n_in) -> (..., num_latents)."""
+        if x.shape[-1] != self.n_in:
+            raise ValueError(
+                f"SAE for hook {self.hook!r} expects inputs of width {self.n_in} (d_in {self.d_in}, kernel "
+                f"{self.kernel_size}), but got width {x.shape[-1]}; use an SAE trained on this model's hook point"
+            )
+        x = x.to(self.W_enc.dtype)
+        return F.relu(F.linear(x - self.b_dec_flat, self.w_enc_flat, self.b_enc))
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """x: (..., n_in) -> SparseCode with values/indices (..., k). Computes in the SAE's dtype."""
+        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=True)
+        return SparseCode(values, indices)
+
+    def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
+        """Sum of ``values``-weighted decoder rows, without the bias.
+
+        indices: (..., n) int64, values: (..., n) -> (..., n_in). Never builds a dense
+        (tokens, num_latents) tensor: the rows are gathered and summed by ``embedding_bag``.
+        """
+        lead = indices.shape[:-1]
+        n = indices.shape[-1]
+        flat_idx = indices.reshape(-1, n)  # (tokens, n)
+        flat_val = values.reshape(-1, n).to(self.W_dec.dtype)  # (tokens, n)
+        out = F.embedding_bag(flat_idx, self.w_dec_flat, per_sample_weights=flat_val, mode="sum")  # (tokens, n_in)
+        return out.reshape(*lead, self.n_in)
+
+    def decode(self, code: SparseCode) -> Tensor:
+        """SparseCode (..., k) -> reconstruction (..., n_in)."""
+        return self.decode_sparse(code.indices, code.values) + self.b_dec_flat
+
+    def decode_dense(self, z: Tensor) -> Tensor:
+        """Dense latents z: (..., num_latents) -> (..., n_in). For gradients w.r.t. every latent."""
+        return z.to(self.W_dec.dtype) @ self.w_dec_flat + self.b_dec_flat
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of x: (..., n_in) -> (..., n_in)."""
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """16 hex digits of the SHA-256 of the decoder weight (float32, C order).
+
+        Identifies the dictionary that feature ids refer to: a FeatureSet made for one SAE
+        records it, and is refused by an SAE with another fingerprint.
+        """
+        data = self.W_dec.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+        digest = hashlib.sha256()
+        digest.update(f"{tuple(self.W_dec.shape)}".encode())
+        digest.update(data)
+        return digest.hexdigest()[:16]
+
+    def extra_repr(self) -> str:
+        kernel = f", kernel_size={self.kernel_size}" if self.kernel_size > 1 else ""
+        return f"d_in={self.d_in}, num_latents={self.num_latents}, k={self.k}{kernel}, hook={self.hook!r}"
+
+
+def expansion_factor(sae: SparseAutoencoder) -> float:
+    """num_latents / n_in, the usual way SAE sizes are quoted."""
+    return sae.num_latents / sae.n_in
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over (N, n_in) rows."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    x_hat = x_hat.reshape(-1, x_hat.shape[-1]).float()
+    total = (x - x.mean(0)).pow(2).sum()
+    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+__all__ = ["SparseAutoencoder", "SparseCode", "expansion_factor", "fvu"]
