@@ -1,0 +1,117 @@
+"""Exact oracles for the toy world: read the colour, the shape and the foreground mask of an image.
+
+Pixel rules only, no learned classifier. The background is grey (no chroma) and the shape is a
+saturated red, green or blue, so:
+
+* foreground = pixels whose chroma (max - min channel, in [0, 1] units) exceeds a threshold,
+  reduced to its largest 8-connected component;
+* colour = the channel with the largest mean over the foreground;
+* shape = the template (circle, square, triangle, as the world renders them) fitted to the
+  foreground's bounding box with the highest IoU against it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .world import COLOURS, SHAPES, shape_masks
+
+CHROMA_THRESHOLD = 0.3
+"""Foreground chroma threshold, in [0, 1] units."""
+MIN_AREA = 8
+"""Foregrounds smaller than this many pixels are unreadable (colour and shape -1)."""
+
+
+class Reading(NamedTuple):
+    """What the oracles read from a batch of images."""
+
+    colour: Tensor
+    """(B,) int64 index into COLOURS, -1 if no foreground was found."""
+    shape: Tensor
+    """(B,) int64 index into SHAPES, -1 if no foreground was found."""
+    mask: Tensor
+    """(B, S, S) bool foreground mask (largest connected component)."""
+    shape_iou: Tensor
+    """(B,) float IoU of the best-fitting template with the mask (0 when unreadable)."""
+
+
+def largest_component(mask: Tensor) -> Tensor:
+    """Largest 8-connected component of each mask. mask: (B, H, W) bool -> (B, H, W) bool."""
+    b, h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w).expand(b, 1, h, w)
+    fg = mask.unsqueeze(1)  # (B, 1, H, W)
+    labels = torch.where(fg, ids, torch.zeros(()))
+    for _ in range(h + w):  # label propagation: every pixel takes the largest id of its component
+        grown = torch.where(fg, F.max_pool2d(labels, 3, stride=1, padding=1), torch.zeros(()))
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    flat = labels.view(b, h * w).long()  # (B, H*W), 0 = background
+    counts = torch.zeros(b, h * w + 1, dtype=torch.long).scatter_add_(1, flat, torch.ones_like(flat))
+    counts[:, 0] = 0
+    best = counts.argmax(1, keepdim=True)  # (B, 1)
+    return (flat == best).view(b, h, w) & mask
+
+
+def foreground(images: Tensor, threshold: float = CHROMA_THRESHOLD) -> Tensor:
+    """images: (B, 3, S, S) in [-1, 1] -> (B, S, S) bool foreground (largest chromatic component)."""
+    rgb = (images.float().clamp(-1, 1) + 1) / 2
+    chroma = rgb.amax(1) - rgb.amin(1)  # (B, S, S)
+    return largest_component(chroma > threshold)
+
+
+def _bbox(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """mask: (B, S, S) -> centre (B, 2) (x, y) and extent (B,) of the bounding box (pixel units)."""
+    s = mask.shape[-1]
+    idx = torch.arange(s, dtype=torch.float32)
+    rows, cols = mask.any(2), mask.any(1)  # (B, S) each
+    big = float(s)
+    r0 = torch.where(rows, idx, big).amin(1)
+    r1 = torch.where(rows, idx, -big).amax(1) + 1
+    c0 = torch.where(cols, idx, big).amin(1)
+    c1 = torch.where(cols, idx, -big).amax(1) + 1
+    centre = torch.stack([(c0 + c1) / 2, (r0 + r1) / 2], dim=1)
+    extent = ((c1 - c0) + (r1 - r0)) / 2
+    return centre, extent
+
+
+def classify_shape(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Best template per mask. mask: (B, S, S) bool -> (shape (B,) int64, iou (B,) float)."""
+    b, s = mask.shape[0], mask.shape[-1]
+    centre, extent = _bbox(mask)
+    best_iou = torch.zeros(b, len(SHAPES))
+    for k in range(len(SHAPES)):
+        for grow in (0.0, 0.5, 1.0):
+            template = shape_masks(torch.full((b,), k), centre, extent + grow, s)  # (B, S, S)
+            inter = (template & mask).flatten(1).sum(1).float()
+            union = (template | mask).flatten(1).sum(1).float().clamp_min(1)
+            best_iou[:, k] = torch.maximum(best_iou[:, k], inter / union)
+    iou, shape = best_iou.max(1)
+    return shape, iou
+
+
+def read(images: Tensor) -> Reading:
+    """Read colour, shape and mask. images: (B, 3, S, S) in [-1, 1]."""
+    mask = foreground(images)
+    area = mask.flatten(1).sum(1)  # (B,)
+    readable = area >= MIN_AREA
+    weights = mask.unsqueeze(1).float()  # (B, 1, S, S)
+    mean_rgb = (images.float() * weights).flatten(2).sum(2) / weights.flatten(2).sum(2).clamp_min(1)  # (B, 3)
+    colour = torch.where(readable, mean_rgb.argmax(1), -1)
+    shape, iou = classify_shape(mask)
+    shape = torch.where(readable, shape, -1)
+    return Reading(colour, shape, mask, torch.where(readable, iou, 0.0))
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of paired masks. a, b: (B, S, S) bool -> (B,) float (1 when both are empty)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones(()))
+
+
+__all__ = ["COLOURS", "SHAPES", "Reading", "classify_shape", "foreground", "largest_component", "mask_iou", "read"]
