@@ -3,6 +3,43 @@
 Pure torch + safetensors (+ numpy, einops); never imports ComfyUI. See DESIGN in the README.
 """
 
+from .features import FeatureSet, load_features, save_features
+from .formats import FormatError, load_sae, sae_metadata, save_sae
+from .intervention import (
+    SUPPRESS,
+    EditSpec,
+    FeatureTable,
+    apply_edit,
+    assign_classes,
+    edit_map,
+    feature_table,
+    parse_target,
+    rows_for_images,
+)
+from .metrics import Proportions, class_proportions, fairness_discrepancy, kl_to_target
 from .sae import SparseAutoencoder, SparseCode
 
-__all__ = ["SparseAutoencoder", "SparseCode"]
+__all__ = [
+    "SUPPRESS",
+    "EditSpec",
+    "FeatureSet",
+    "FeatureTable",
+    "FormatError",
+    "Proportions",
+    "SparseAutoencoder",
+    "SparseCode",
+    "apply_edit",
+    "assign_classes",
+    "class_proportions",
+    "edit_map",
+    "fairness_discrepancy",
+    "feature_table",
+    "kl_to_target",
+    "load_features",
+    "load_sae",
+    "parse_target",
+    "rows_for_images",
+    "sae_metadata",
+    "save_features",
+    "save_sae",
+]

@@ -18,6 +18,7 @@ Weights are stored in the public file shapes: ``W_enc``/``W_dec`` are ``(num_lat
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,8 @@ class SparseAutoencoder(nn.Module):
         kernel_size: 1 for per-token codes; K > 1 for one code per K x K map.
         hook: hook point name (``unet.middle``, ``dit.double.3``, ...), see DESIGN.md.
         model_family: the model family the SAE was trained on (``sd15``, ``sdxl``, ``flux``, ``toy``...).
+        provenance: free-form string facts (training data, steps, source file, ...), saved with the SAE.
+        dtype, device: of the parameters. ``device="meta"`` skips the random initialisation (for loading).
     """
 
     def __init__(
@@ -58,21 +61,40 @@ class SparseAutoencoder(nn.Module):
         kernel_size: int = 1,
         hook: str = "unet.middle",
         model_family: str = "unknown",
+        provenance: Mapping[str, str] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_in", d_in), ("num_latents", num_latents), ("k", k), ("kernel_size", kernel_size)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (
+            ("d_in", d_in),
+            ("num_latents", num_latents),
+            ("k", k),
+            ("kernel_size", kernel_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparseAutoencoder: {name} must be a positive integer, got {value!r}")
         if k > num_latents:
             raise ValueError(f"SparseAutoencoder: k must be <= num_latents ({num_latents}), got {k}")
+        for name, value in (("hook", hook), ("model_family", model_family)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"SparseAutoencoder: {name} must be a non-empty string, got {value!r}")
+        provenance = dict(provenance or {})
+        bad = {
+            key: value
+            for key, value in provenance.items()
+            if not (isinstance(key, str) and isinstance(value, str))
+        }
+        if bad:
+            raise ValueError(f"SparseAutoencoder: provenance keys and values must be strings, got {bad!r}")
         self.d_in = d_in
         self.num_latents = num_latents
         self.k = k
         self.kernel_size = kernel_size
         self.hook = hook
         self.model_family = model_family
+        self.provenance: dict[str, str] = provenance
+        """Free-form string facts about how the SAE was made (data, steps, source file, ...)."""
         kernel = (kernel_size, kernel_size) if kernel_size > 1 else ()
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(num_latents, d_in, *kernel, **factory))
@@ -80,6 +102,68 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(num_latents, d_in, *kernel, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
         self.reset_parameters()
+
+    @classmethod
+    def from_weights(
+        cls,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        k: int,
+        *,
+        hook: str = "unet.middle",
+        model_family: str = "unknown",
+        provenance: Mapping[str, str] | None = None,
+    ) -> SparseAutoencoder:
+        """An SAE holding the given tensors (no copy, no random init); sizes are read from the shapes.
+
+        W_enc, W_dec: (L, d_in) or (L, d_in, K, K); b_enc: (L,); b_dec: (d_in,); one floating dtype and device.
+        """
+        if W_enc.ndim not in (2, 4):
+            raise ValueError(f"W_enc must be (L, d_in) or (L, d_in, K, K), got shape {tuple(W_enc.shape)}")
+        num_latents, d_in = W_enc.shape[:2]
+        kernel_size = W_enc.shape[-1] if W_enc.ndim == 4 else 1
+        if W_enc.ndim == 4 and (W_enc.shape[2] != kernel_size or kernel_size < 2):
+            raise ValueError(f"W_enc must have a square kernel of size >= 2, got shape {tuple(W_enc.shape)}")
+        expected = {
+            "W_enc": tuple(W_enc.shape),
+            "b_enc": (num_latents,),
+            "W_dec": tuple(W_enc.shape),
+            "b_dec": (d_in,),
+        }
+        given = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        for name, tensor in given.items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(tensor.shape)}")
+            if not tensor.is_floating_point() or tensor.dtype != W_enc.dtype or tensor.device != W_enc.device:
+                raise ValueError(
+                    f"{name} is {tensor.dtype} on {tensor.device}; all weights must share one floating dtype "
+                    f"and device ({W_enc.dtype} on {W_enc.device})"
+                )
+        sae = cls(
+            d_in,
+            num_latents,
+            k,
+            kernel_size=kernel_size,
+            hook=hook,
+            model_family=model_family,
+            provenance=provenance,
+            dtype=W_enc.dtype,
+            device="meta",
+        )
+        sae.load_state_dict(given, assign=True)
+        return sae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the parameters (the SAE computes in it)."""
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """device of the parameters."""
+        return self.W_dec.device
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -104,10 +188,16 @@ class SparseAutoencoder(nn.Module):
             return self.b_dec
         return self.b_dec.repeat_interleave(self.kernel_size**2)
 
-    def reset_parameters(self) -> None:
-        """Unit-norm random decoder rows, encoder tied to the decoder, zero biases."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit-norm random decoder rows, encoder tied to the decoder, zero biases.
+
+        ``generator`` (a CPU ``torch.Generator``) makes the draw reproducible without the global RNG.
+        Parameters on the meta device are left alone.
+        """
+        if self.W_dec.is_meta:
+            return
         with torch.no_grad():
-            w = torch.randn(self.num_latents, self.n_in, dtype=torch.float32)
+            w = torch.randn(self.num_latents, self.n_in, dtype=torch.float32, generator=generator)
             w /= w.norm(dim=1, keepdim=True)
             self.W_dec.copy_(w.reshape(self.W_dec.shape))
             self.W_enc.copy_(w.reshape(self.W_enc.shape))
@@ -168,11 +258,19 @@ class SparseAutoencoder(nn.Module):
         indices: (..., n) int64, values: (..., n) -> (..., n_in). Never builds a dense
         (tokens, num_latents) tensor: the rows are gathered and summed by ``embedding_bag``.
         """
+        if indices.shape != values.shape:
+            raise ValueError(
+                f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must have one shape"
+            )
         lead = indices.shape[:-1]
         n = indices.shape[-1]
+        if indices.numel() == 0:
+            return self.W_dec.new_zeros(*lead, self.n_in)
         flat_idx = indices.reshape(-1, n)  # (tokens, n)
         flat_val = values.reshape(-1, n).to(self.W_dec.dtype)  # (tokens, n)
-        out = F.embedding_bag(flat_idx, self.w_dec_flat, per_sample_weights=flat_val, mode="sum")  # (tokens, n_in)
+        out = F.embedding_bag(
+            flat_idx, self.w_dec_flat, per_sample_weights=flat_val, mode="sum"
+        )  # (tokens, n_in)
         return out.reshape(*lead, self.n_in)
 
     def decode(self, code: SparseCode) -> Tensor:

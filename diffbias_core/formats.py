@@ -1,0 +1,362 @@
+"""SAE files: the native ``.safetensors`` format, and checked, atomic safetensors reading and writing.
+
+Native SAE file: one ``.safetensors`` file with tensors ``W_enc``, ``W_dec`` ((L, d_in) or (L, d_in, K, K)),
+``b_enc`` (L,) and ``b_dec`` (d_in,), and string metadata ``format`` (``diffbias.sae``), ``format_version``,
+``d_in``, ``num_latents``, ``k``, ``kernel_size``, ``hook``, ``model_family``, ``dtype``, ``fingerprint`` and
+``provenance`` (a JSON object of strings). Published layouts (sparsify, SAELens, DiffLens folders) are read
+by ``importers.py``; :func:`load_sae` dispatches to them.
+
+Every file is checked before safetensors parses it: the 8-byte header length and every tensor's data offsets
+must fit in the file. Pickle-based files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) are refused: loading them
+can run code. Every error is a :class:`FormatError` naming the file, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .sae import SparseAutoencoder
+
+SAE_FORMAT = "diffbias.sae"
+"""Value of the ``format`` metadata key of a native SAE file."""
+SAE_VERSION = 1
+"""Version of the native SAE layout this code writes (and the newest it reads)."""
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+"""File suffixes of pickle-based checkpoints, which are never loaded."""
+MAX_HEADER_BYTES = 100 * 2**20
+"""Largest safetensors JSON header accepted."""
+
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+_TORCH_DTYPES = {
+    name: getattr(torch, attr)
+    for name, attr in {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                       "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
+                       "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64"}.items()
+    if hasattr(torch, attr)
+}  # fmt: skip
+_FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class FormatError(ValueError):
+    """A file is missing, damaged, unsafe or not in an expected layout; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------- safetensors I/O
+def refuse_pickle(path: Path) -> None:
+    """Raise FormatError if ``path`` names a pickle-based checkpoint (by suffix)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise FormatError(
+            f"{path}: refusing to load a pickle-based '{path.suffix}' file: unpickling can run arbitrary code "
+            "hidden in the file. Convert it to .safetensors where you trust it (for example "
+            "safetensors.torch.save_file(state_dict, 'sae.safetensors')) and load that instead."
+        )
+
+
+def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Check a safetensors file's framing and return (tensor entries, metadata) without reading tensor data.
+
+    Tensor entries map name -> {"dtype", "shape", "data_offsets"}. Raises FormatError for a missing,
+    truncated or malformed file, a pickle, or offsets beyond the end of the file.
+    """
+    path = Path(path)
+    refuse_pickle(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(8)
+            declared = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = file.read(declared) if 0 <= declared <= min(size - 8, MAX_HEADER_BYTES) else b""
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a folder, expected a .safetensors file") from None
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise FormatError(f"{path}: this is a pickle/zip checkpoint, not safetensors") from None
+    if declared < 0:
+        raise FormatError(f"{path}: truncated: {size} bytes, expected at least the 8-byte header length")
+    if declared > size - 8:
+        raise FormatError(
+            f"{path}: header declares {declared} bytes but only {size - 8} follow the length field "
+            "(truncated, or not a safetensors file)"
+        )
+    if declared > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header of {declared} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{path}: header is not valid JSON ({error}); not a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}")
+    for name, entry in header.items():
+        _check_entry(path, name, entry, size - 8 - declared)
+    return header, metadata
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+    if dtype not in _ITEMSIZE:
+        raise FormatError(
+            f"{path}: tensor {name!r} has unknown dtype {dtype!r}; expected one of {sorted(_ITEMSIZE)}"
+        )
+    if not all(isinstance(n, int) and n >= 0 for n in shape) or not all(
+        isinstance(n, int) for n in (begin, end)
+    ):
+        raise FormatError(f"{path}: tensor {name!r} has an invalid shape {shape} or offsets {[begin, end]}")
+    if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+        raise FormatError(
+            f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {math.prod(shape) * _ITEMSIZE[dtype]} "
+            f"bytes but its offsets [{begin}, {end}) hold {end - begin}"
+        )
+    if end > data_bytes:
+        raise FormatError(
+            f"{path}: tensor {name!r} ends at byte {end} of the data, but the file holds only {data_bytes} "
+            "data bytes (truncated download?)"
+        )
+
+
+def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Checked load of a whole safetensors file to CPU: (tensors, metadata)."""
+    _, metadata = read_header(path)
+    try:
+        return load_file(os.fspath(path), device="cpu"), metadata
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise FormatError(f"{path}: could not be read as safetensors ({error})") from None
+
+
+def write_safetensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path: str | PathLike[str]
+) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    refuse_pickle(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(dict(tensors), temp, metadata=dict(metadata))
+        with open(temp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def check_metadata_version(
+    path: str | PathLike[str], metadata: Mapping[str, str], fmt: str, version: int
+) -> None:
+    """Raise FormatError unless ``metadata`` names format ``fmt`` at a version this code reads (<= version)."""
+    if metadata.get("format") != fmt:
+        raise FormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {fmt!r}")
+    found = metadata.get("format_version", "")
+    if not found.isdigit() or not 1 <= int(found) <= version:
+        raise FormatError(
+            f"{path}: format_version {found!r} of {fmt} is not readable here (this code reads versions 1 to "
+            f"{version}); update diffbias"
+        )
+
+
+def check_weights(path: str | PathLike[str], tensors: Mapping[str, Tensor]) -> None:
+    """Raise FormatError unless every tensor is floating point and finite (meta tensors: dtype only)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} is {tensor.dtype}, expected a floating dtype")
+        if not tensor.is_meta and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise FormatError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
+
+
+def expect_shapes(
+    path: str | PathLike[str], tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Raise FormatError unless ``tensors`` holds exactly the names of ``shapes`` with those shapes.
+
+    ``tensors`` values may be tensors or header entries (with a ``shape`` list).
+    """
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        raise FormatError(
+            f"{path}: missing tensor(s) {missing}; expected {list(shapes)}, found {sorted(tensors)}"
+        )
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        raise FormatError(f"{path}: unexpected tensor(s) {extra}; expected exactly {list(shapes)}")
+    for name, shape in shapes.items():
+        value = tensors[name]
+        found = tuple(value.shape) if isinstance(value, Tensor) else tuple(value["shape"])
+        if found != tuple(shape):
+            raise FormatError(f"{path}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
+
+
+def meta_tensors(header: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:
+    """Data-less (meta device) tensors with the dtypes and shapes of a header, for cheap shape checks."""
+    return {
+        name: torch.empty(entry["shape"], dtype=_TORCH_DTYPES.get(entry["dtype"], torch.uint8), device="meta")
+        for name, entry in header.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- native SAE files
+def sae_file_metadata(sae: SparseAutoencoder, *, fingerprint: bool = True) -> dict[str, str]:
+    """The native metadata describing ``sae`` (string values)."""
+    metadata = {
+        "format": SAE_FORMAT,
+        "format_version": str(SAE_VERSION),
+        "d_in": str(sae.d_in),
+        "num_latents": str(sae.num_latents),
+        "k": str(sae.k),
+        "kernel_size": str(sae.kernel_size),
+        "hook": sae.hook,
+        "model_family": sae.model_family,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "provenance": json.dumps(sae.provenance, sort_keys=True),
+    }
+    if fingerprint:
+        metadata["fingerprint"] = sae.fingerprint()
+    return metadata
+
+
+def save_sae(sae: SparseAutoencoder, path: str | PathLike[str]) -> None:
+    """Write ``sae`` as one native ``.safetensors`` file (atomically)."""
+    tensors = {name: getattr(sae, name).detach().to("cpu").contiguous() for name in SAE_TENSORS}
+    write_safetensors(tensors, sae_file_metadata(sae), path)
+
+
+def _int_field(path: Path, metadata: Mapping[str, str], key: str) -> int:
+    value = metadata.get(key, "")
+    if not value.isdigit() or int(value) < 1:
+        raise FormatError(f"{path}: metadata {key!r} must be a positive integer, found {value!r}")
+    return int(value)
+
+
+def _native_sizes(path: Path, metadata: Mapping[str, str]) -> tuple[int, int, int, int]:
+    check_metadata_version(path, metadata, SAE_FORMAT, SAE_VERSION)
+    return tuple(_int_field(path, metadata, key) for key in ("d_in", "num_latents", "k", "kernel_size"))  # type: ignore[return-value]
+
+
+def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
+    d_in, num_latents, k, kernel_size = _native_sizes(path, metadata)
+    kernel = (kernel_size, kernel_size) if kernel_size > 1 else ()
+    expect_shapes(path, header, {"W_enc": (num_latents, d_in, *kernel), "b_enc": (num_latents,),
+                                 "W_dec": (num_latents, d_in, *kernel), "b_dec": (d_in,)})  # fmt: skip
+    tensors, _ = read_safetensors(path)
+    try:
+        provenance = json.loads(metadata.get("provenance", "{}"))
+    except json.JSONDecodeError as error:
+        raise FormatError(f"{path}: metadata 'provenance' is not valid JSON ({error})") from None
+    sae = build_sae(path, tensors, k, metadata.get("hook", "unknown"), metadata.get("model_family", "unknown"),
+                    provenance)  # fmt: skip
+    stored = metadata.get("fingerprint")
+    if stored is not None and stored != sae.fingerprint():
+        raise FormatError(
+            f"{path}: decoder fingerprint {sae.fingerprint()} does not match the recorded {stored}; "
+            "the file was damaged or its weights were changed"
+        )
+    return sae
+
+
+def build_sae(
+    path: str | PathLike[str], tensors: Mapping[str, Tensor], k: int, hook: str, model_family: str,
+    provenance: Mapping[str, Any],
+) -> SparseAutoencoder:  # fmt: skip
+    """An SAE from canonical tensors (``SAE_TENSORS``), with the file named in every error."""
+    check_weights(path, tensors)
+    dtype = tensors["W_dec"].dtype
+    try:
+        return SparseAutoencoder.from_weights(
+            *(tensors[name].to(dtype) for name in SAE_TENSORS), k,
+            hook=hook, model_family=model_family, provenance=provenance,
+        )  # fmt: skip
+    except ValueError as error:
+        raise FormatError(f"{path}: {error}") from None
+
+
+def load_sae(
+    path: str | PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    hook: str | None = None,
+    model_family: str | None = None,
+) -> SparseAutoencoder:
+    """Load an SAE from a native file or a published folder layout (sparsify, SAELens, DiffLens).
+
+    A layout's weight file (``sae.safetensors``, ``sae_weights.safetensors``) loads its folder.
+    ``hook``/``model_family`` override what the file records (imported layouts rarely record ours).
+    ``dtype``/``device``: convert after loading (default: the file's dtype, CPU).
+    """
+    from .importers import import_folder, layout_folder
+
+    path = Path(path)
+    refuse_pickle(path)
+    folder = layout_folder(path)
+    if folder is not None:
+        sae = import_folder(folder, load=True)
+    else:
+        header, metadata = read_header(path)
+        if metadata.get("format") != SAE_FORMAT:
+            raise FormatError(
+                f"{path}: unknown layout: metadata 'format' is {metadata.get('format')!r}, expected "
+                f"{SAE_FORMAT!r}; for a sparsify, SAELens or DiffLens SAE give the folder holding its cfg.json"
+            )
+        sae = _load_native(path, header, metadata)
+    if hook is not None:
+        sae.hook = hook
+    if model_family is not None:
+        sae.model_family = model_family
+    return sae.to(device=device, dtype=dtype)
+
+
+def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
+    """The metadata of an SAE file or folder, reading only headers and ``cfg.json`` (cheap, for listings).
+
+    Native files: their stored metadata. Imported layouts: the same keys as a native file (``format`` names
+    the layout, e.g. ``sparsify``; no ``fingerprint``, which needs the weights).
+    """
+    from .importers import import_folder, layout_folder
+
+    path = Path(path)
+    refuse_pickle(path)
+    folder = layout_folder(path)
+    if folder is not None:
+        sae = import_folder(folder, load=False)
+        return {**sae_file_metadata(sae, fingerprint=False), "format": sae.provenance["imported_from"]}
+    header, metadata = read_header(path)
+    if metadata.get("format") == SAE_FORMAT:
+        _native_sizes(path, metadata)
+    return dict(metadata)
+
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "SAE_FORMAT",
+    "SAE_VERSION",
+    "FormatError",
+    "check_metadata_version",
+    "load_sae",
+    "read_header",
+    "read_safetensors",
+    "sae_metadata",
+    "save_sae",
+    "write_safetensors",
+]
