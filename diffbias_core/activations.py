@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -31,8 +30,9 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 from einops import rearrange
-from safetensors.torch import save_file
 from torch import Tensor
+
+from .formats import write_safetensors
 
 SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"
@@ -148,20 +148,6 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
     return classes
 
 
-def atomic_save_file(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """safetensors ``save_file`` to a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_shard(
     path: str | os.PathLike,
     batch: ActivationBatch,
@@ -186,7 +172,7 @@ def write_shard(
         )
     meta = {"format": SHARD_FORMAT, "format_version": SHARD_VERSION, "hook": hook, "classes": ",".join(classes)}
     meta.update(metadata or {})
-    atomic_save_file(checked._asdict(), path, meta)
+    write_safetensors({k: v.detach().cpu().contiguous() for k, v in checked._asdict().items()}, meta, path)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -284,8 +270,17 @@ class ActivationSource(Protocol):
     classes: tuple[str, ...]
     row_shape: tuple[int, ...]
 
-    def iter_batches(self, rows: int) -> Iterator[ActivationBatch]:
-        """All activations in order, at most ``rows`` per batch."""
+    @property
+    def num_rows(self) -> int:
+        """Number of activations N."""
+        ...
+
+    def iter_batches(self, rows: int, *, start: int = 0, every: int = 1) -> Iterator[ActivationBatch]:
+        """The activations in order, in chunks of ``rows`` (a file's last chunk may be shorter).
+
+        Chunks are numbered from 0; yields chunks start, start + every, start + 2 * every, ... (``every``
+        > 1 splits the stream between processes).
+        """
         ...
 
     def steps(self) -> list[int]:
@@ -320,13 +315,16 @@ class ShardSet:
         self._steps = [r.column("step") for r in self.readers]
 
     @property
-    def rows(self) -> int:
+    def num_rows(self) -> int:
         return sum(r.info.rows for r in self.readers)
 
-    def iter_batches(self, rows: int) -> Iterator[ActivationBatch]:
+    def iter_batches(self, rows: int, *, start: int = 0, every: int = 1) -> Iterator[ActivationBatch]:
+        chunk = 0
         for reader in self.readers:
-            for start in range(0, reader.info.rows, rows):
-                yield reader.rows(slice(start, start + rows))
+            for first in range(0, reader.info.rows, rows):
+                if chunk >= start and (chunk - start) % every == 0:
+                    yield reader.rows(slice(first, first + rows))
+                chunk += 1
 
     def steps(self) -> list[int]:
         return sorted(set(torch.cat(self._steps).tolist()))
@@ -348,9 +346,13 @@ class MemorySource:
         self.classes = _check_classes(classes)
         self.row_shape = tuple(batch.activations.shape[1:])
 
-    def iter_batches(self, rows: int) -> Iterator[ActivationBatch]:
-        for start in range(0, self.batch.num_rows, rows):
-            yield self.batch.select(slice(start, start + rows))
+    @property
+    def num_rows(self) -> int:
+        return self.batch.num_rows
+
+    def iter_batches(self, rows: int, *, start: int = 0, every: int = 1) -> Iterator[ActivationBatch]:
+        for first in range(start * rows, self.batch.num_rows, every * rows):
+            yield self.batch.select(slice(first, first + rows))
 
     def steps(self) -> list[int]:
         return sorted(set(self.batch.step.tolist()))
@@ -361,5 +363,5 @@ class MemorySource:
 
 __all__ = [
     "ActivationBatch", "ActivationSource", "MemorySource", "ShardInfo", "ShardReader", "ShardSet",
-    "atomic_save_file", "concat_batches", "make_batch", "read_shard", "to_sae_inputs", "write_shard",
+    "concat_batches", "make_batch", "read_shard", "to_sae_inputs", "write_shard",
 ]

@@ -1,0 +1,485 @@
+"""Streaming TopK SAE training with bounded memory.
+
+Rows arrive in any amount through :meth:`SaeTrainer.feed` (a capture hook while a model samples, or
+shards through :func:`train_sae`); they are skipped when non-finite, pooled in a fixed-size shuffle
+buffer, and trained on in batches of ``batch_size``. The step follows EleutherAI sparsify's recipe:
+
+    loss = FVU + auxk_alpha * AuxK        FVU = |x - x_hat|^2 / |x - mean(x)|^2 over the batch
+
+Adam with a linear learning-rate warm-up; decoder rows kept at unit norm, with the gradient component
+parallel to each row removed before the update; ``b_dec`` initialised from the first buffer (geometric
+median or mean); AuxK (Gao et al. 2024): the top ``n_in / 2`` latents that have not fired for
+``dead_after_rows`` rows reconstruct the residual, which revives dead latents. The encoder and decoder
+use sparse backward passes (:mod:`.sparse_grad`): no dense (rows, num_latents) gradient is formed.
+
+Checkpoints (:mod:`.train_state`) are a native SAE file plus a sidecar with the optimizer and trainer
+state; the SAE with the lowest running FVU is kept. Several processes train one SAE data-parallel when
+``torch.distributed`` is initialized (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import distributed as ddp
+from .activations import ActivationSource, to_sae_inputs
+from .sae import SparseAutoencoder
+from .sparse_grad import encoder_pre, gather_encode, sparse_decode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a TopK SAE."""
+
+    num_latents: int
+    """Dictionary size L (latents), >= k."""
+    k: int
+    """Active latents per row, 1 <= k <= num_latents."""
+    batch_size: int = 4096
+    """Rows per optimizer step (per process)."""
+    lr: float | None = None
+    """Adam learning rate; None: sparsify's rule 2e-4 / sqrt(num_latents / 2**14)."""
+    warmup_steps: int = 1000
+    """Steps of linear learning-rate warm-up from lr / warmup_steps to lr; 0 = none."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """After warm-up: constant, or linear decay to zero at ``max_steps`` (which it then needs)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; None: when the data ends."""
+    epochs: int = 1
+    """Passes over a finite source in :func:`train_sae` (>= 1)."""
+    buffer_batches: int = 8
+    """Shuffle-buffer size in batches (>= 1): memory is buffer_batches * batch_size rows."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (>= 0; 0 disables it)."""
+    dead_after_rows: int = 1_000_000
+    """A latent that has not fired for this many rows is dead (AuxK then trains it)."""
+    b_dec_init: Literal["geometric_median", "mean", "zero"] = "geometric_median"
+    """How b_dec is initialised from the first buffer of rows."""
+    seed: int = 0
+    """Seed of the initial weights and of the shuffling."""
+    checkpoint_every: int = 0
+    """:func:`train_sae` writes a resumable checkpoint about every this many steps (0: at the end only)."""
+    ema_span: int = 20
+    """Span (steps) of the running FVU average that selects the best weights (>= 1)."""
+
+    def __post_init__(self) -> None:
+        positive = {"num_latents": self.num_latents, "k": self.k, "batch_size": self.batch_size,
+                    "epochs": self.epochs, "buffer_batches": self.buffer_batches, "ema_span": self.ema_span,
+                    "dead_after_rows": self.dead_after_rows}  # fmt: skip
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.k > self.num_latents:
+            raise ValueError(f"TrainConfig.k must be <= num_latents ({self.num_latents}), got {self.k}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be > 0 (or None for the default), got {self.lr!r}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if not self.auxk_alpha >= 0:
+            raise ValueError(f"TrainConfig.auxk_alpha must be >= 0, got {self.auxk_alpha!r}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+        if self.lr_schedule == "linear" and self.max_steps is None:
+            raise ValueError("TrainConfig.lr_schedule 'linear' decays to zero at max_steps, so it needs max_steps")
+        if self.b_dec_init not in ("geometric_median", "mean", "zero"):
+            raise ValueError(
+                f"TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zero', got {self.b_dec_init!r}"
+            )
+
+    @property
+    def base_lr(self) -> float:
+        """The learning rate after warm-up."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.num_latents / 2**14)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        scale = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_schedule == "linear":
+            scale = min(scale, max(0.0, (self.max_steps - step) / max(1, self.max_steps - self.warmup_steps)))
+        return self.base_lr * scale
+
+
+class TrainStats(NamedTuple):
+    """Progress of a training run (all processes together).
+
+    step: optimizer steps taken. rows: rows trained on. skipped: non-finite rows dropped.
+    fvu: running (EMA) FVU, each batch measured before its update (an honest held-out estimate).
+    l0: mean active latents per row in the last batch. dead_fraction: share of latents not fired for
+    ``dead_after_rows`` rows. auxk: last AuxK loss. lr: last learning rate. best_fvu: lowest running FVU
+    at a best-weights check (the weights :meth:`SaeTrainer.save` writes by default).
+    """
+
+    step: int
+    rows: int
+    skipped: int
+    fvu: float
+    l0: float
+    dead_fraction: float
+    auxk: float
+    lr: float
+    best_fvu: float
+
+
+def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's geometric median of points: (N, D) -> (D,)."""
+    guess = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - guess).norm(dim=1).clamp_min(1e-8)  # (N,)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - guess).norm() <= tol * (1.0 + guess.norm()):
+            return new
+        guess = new
+    return guess
+
+
+def remove_parallel_component_(weight: Tensor, grad: Tensor) -> None:
+    """grad[j] -= (grad[j] . w[j]) w[j] for every row j of unit-norm ``weight``: (L, n) each, in place."""
+    grad -= (grad * weight).sum(1, keepdim=True) * weight
+
+
+def normalize_rows_(weight: Tensor) -> None:
+    """Scale every row of weight (L, n) to unit norm, in place."""
+    weight /= weight.norm(dim=1, keepdim=True) + torch.finfo(weight.dtype).eps
+
+
+@dataclass
+class _Running:
+    step: int = 0
+    rows: int = 0
+    skipped: int = 0
+    fvu: float = float("nan")
+    l0: float = float("nan")
+    auxk: float = 0.0
+    lr: float = 0.0
+    best_fvu: float = float("inf")
+    initialized: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class SaeTrainer:
+    """Trains one TopK SAE on rows fed in any amount.
+
+    Args:
+        config: the :class:`TrainConfig`.
+        d_in: channel width of the hooked activation.
+        kernel_size, hook, model_family: as :class:`SparseAutoencoder`.
+        device: where to train (float32).
+        progress: called with :class:`TrainStats` after every optimizer step.
+    """
+
+    def __init__(self, config: TrainConfig, d_in: int, *, kernel_size: int = 1, hook: str = "unet.middle",
+                 model_family: str = "unknown", device: torch.device | str | None = None,
+                 progress: Callable[[TrainStats], None] | None = None) -> None:  # fmt: skip
+        self.config = config
+        self.progress = progress
+        self.sae = SparseAutoencoder(d_in, config.num_latents, config.k, kernel_size=kernel_size, hook=hook,
+                                     model_family=model_family, dtype=torch.float32, device="meta")
+        self.sae.to_empty(device=device or "cpu")
+        self.sae.reset_parameters(torch.Generator().manual_seed(config.seed))
+        self.params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+        ddp.broadcast_([p.data for p in self.params])
+        self.optimizer = torch.optim.Adam(self.params, lr=config.base_lr)
+        rank, self.world = ddp.world()
+        self.generator = torch.Generator().manual_seed(config.seed * 7919 + 1 + rank)
+        self.capacity = config.batch_size * config.buffer_batches
+        self.buffer: Tensor | None = None  # (capacity, n_in), allocated on the first feed
+        self.fill = 0
+        self._first_rows: Tensor | None = None
+        self.rows_since_fired = torch.zeros(config.num_latents, dtype=torch.int64, device=self.sae.device)
+        self.best: list[Tensor] | None = None
+        self.run = _Running()
+        self.stopped = False
+        """True once training has ended (stop requested, max_steps reached, or another process ran dry)."""
+
+    # ------------------------------------------------------------------ feeding
+    def feed(self, x: Tensor) -> None:
+        """Add rows and train on every full buffer.
+
+        x: (N, n_in) rows, or (N, d_in, H, W) maps (converted with :func:`to_sae_inputs`). Rows with a
+        non-finite value are dropped and counted in ``stats.skipped``. Any dtype/device; trains in float32.
+        """
+        if self.stopped:
+            return
+        x = to_sae_inputs(x.detach(), self.sae.kernel_size) if x.ndim == 4 else x.detach()
+        if x.ndim != 2 or x.shape[1] != self.sae.n_in:
+            raise ValueError(
+                f"SaeTrainer for hook {self.sae.hook!r} expects rows of width {self.sae.n_in} (or maps with "
+                f"{self.sae.d_in} channels), got shape {tuple(x.shape)}"
+            )
+        x = x.to(device=self.sae.device, dtype=torch.float32)
+        finite = torch.isfinite(x).all(1)
+        bad = int((~finite).sum())
+        if bad:
+            self.run.skipped += bad
+            x = x[finite]
+        if self.buffer is None:
+            self.buffer = torch.empty(self.capacity, self.sae.n_in, device=self.sae.device)
+        while x.shape[0] and not self.stopped:
+            take = min(self.capacity - self.fill, x.shape[0])
+            self.buffer[self.fill:self.fill + take] = x[:take]
+            self.fill += take
+            x = x[take:]
+            if self.fill == self.capacity:
+                self._drain(keep=(self.config.buffer_batches // 2) * self.config.batch_size)
+
+    def finish(self) -> TrainStats:
+        """Train on what is left in the buffer (a last smaller batch included) and return the stats."""
+        if not self.stopped:
+            if self.buffer is not None and self.fill:
+                self._drain(keep=0, partial=True)
+            if not self.stopped:
+                ddp.all_agree(False, self.sae.device)  # release processes still waiting for a step
+            self.stopped = True
+        self._check_best()
+        return self.stats
+
+    def request_stop(self) -> None:
+        """End training now; :meth:`feed` ignores rows afterwards. The best weights stay available."""
+        if not self.stopped and ddp.is_distributed():
+            ddp.all_agree(False, self.sae.device)
+        self.stopped = True
+
+    def _drain(self, keep: int, partial: bool = False) -> None:
+        """Shuffle the buffer and train on all but ``keep`` rows, in batches from its end."""
+        assert self.buffer is not None
+        perm = torch.randperm(self.fill, generator=self.generator).to(self.sae.device)
+        self.buffer[:self.fill] = self.buffer[perm]
+        if not self.run.initialized:
+            self._first_rows = self.buffer[:self.fill]  # b_dec starts at their centre (in the first step)
+        size = self.config.batch_size
+        while self.fill - keep >= size or (partial and self.fill > keep):
+            rows = min(size, self.fill - keep)
+            if not self._step(self.buffer[self.fill - rows:self.fill]):
+                break
+            self.fill -= rows
+
+    def _init_b_dec(self, rows: Tensor) -> None:
+        mode = self.config.b_dec_init
+        if mode != "zero":
+            center = geometric_median(rows) if mode == "geometric_median" else rows.mean(0)  # (n_in,)
+            center = ddp.mean_(center.view(self.sae.d_in, -1).mean(1))  # (d_in,): mean over kernel positions
+            self.sae.b_dec.data.copy_(center)
+        self.run.initialized = True
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, x: Tensor) -> bool:
+        """One optimizer step on rows x: (B, n_in). False when training has ended instead."""
+        cfg, sae = self.config, self.sae
+        # every process reaches max_steps at the same step, so only the data can run out unevenly
+        if (cfg.max_steps is not None and self.run.step >= cfg.max_steps) or not ddp.all_agree(True, sae.device):
+            self.stopped = True
+            return False
+        if not self.run.initialized:
+            self._init_b_dec(self._first_rows if self._first_rows is not None else x)
+            self._first_rows = None
+        lr = cfg.lr_at(self.run.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        fvu, auxk, top_idx, top_val = self.losses(x)
+        (fvu + cfg.auxk_alpha * auxk).backward()
+        fired = torch.bincount(top_idx[top_val > 0], minlength=cfg.num_latents)  # (L,)
+        l0 = (top_val > 0).sum(1).float().mean()
+        summary = torch.stack([fvu.detach(), auxk.detach(), l0])
+        if self.world > 1:  # one all_reduce for gradients, statistics and firing counts
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params] + [summary, fired.float()])
+            ddp.mean_(flat)
+            offset = 0
+            for p in self.params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            summary, fired = flat[offset:offset + 3], flat[offset + 3:]
+        with torch.no_grad():
+            remove_parallel_component_(sae.w_dec_flat, self.sae.W_dec.grad.view(cfg.num_latents, -1))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            normalize_rows_(sae.W_dec.data.view(cfg.num_latents, -1))
+            self.rows_since_fired += x.shape[0] * self.world
+            self.rows_since_fired[fired > 0] = 0
+        fvu_value, auxk_value, l0_value = summary.tolist()
+        run = self.run
+        alpha = 2.0 / (cfg.ema_span + 1)
+        run.fvu = fvu_value if run.step == 0 else run.fvu + alpha * (fvu_value - run.fvu)
+        run.step += 1
+        run.rows += x.shape[0] * self.world
+        run.l0, run.auxk, run.lr = l0_value, auxk_value, lr
+        if run.step % max(1, cfg.ema_span // 2) == 0:
+            self._check_best()
+        if self.progress is not None:
+            self.progress(self.stats)
+        return True
+
+    def losses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(fvu, auxk, top indices (B, k), top values (B, k)) of rows x: (B, n_in), differentiable."""
+        sae, cfg = self.sae, self.config
+        w_enc, w_dec = sae.w_enc_flat, sae.w_dec_flat
+        sae_in = x - sae.b_dec_flat
+        pre = encoder_pre(sae_in, w_enc, sae.b_enc)  # (B, L), no autograd
+        top_idx = pre.topk(cfg.k, dim=1, sorted=False).indices  # (B, k)
+        top_val = gather_encode(sae_in, w_enc, sae.b_enc, top_idx, pre)  # (B, k)
+        error = x - (sparse_decode(top_idx, top_val, w_dec) + sae.b_dec_flat)  # (B, n_in)
+        total = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+        fvu = error.pow(2).sum() / total
+        auxk = fvu.new_zeros(())
+        dead = self.rows_since_fired > cfg.dead_after_rows  # (L,)
+        num_dead = int(dead.sum()) if cfg.auxk_alpha > 0 else 0
+        if num_dead:
+            k_aux = max(1, sae.n_in // 2)
+            scale = min(num_dead / k_aux, 1.0)
+            aux_idx = pre.masked_fill(~dead, -math.inf).topk(min(k_aux, num_dead), dim=1, sorted=False).indices
+            aux_val = gather_encode(sae_in, w_enc, sae.b_enc, aux_idx, pre)  # (B, k_aux)
+            residual = sparse_decode(aux_idx, aux_val, w_dec)  # (B, n_in), no bias: it predicts the error
+            auxk = scale * (residual - error.detach()).pow(2).sum() / total
+        return fvu, auxk, top_idx, top_val.detach()
+
+    # ------------------------------------------------------------------ results
+    def _check_best(self) -> None:
+        if self.run.step and self.run.fvu < self.run.best_fvu:
+            self.run.best_fvu = self.run.fvu
+            self.best = [p.detach().clone() for p in self.params]
+
+    @property
+    def stats(self) -> TrainStats:
+        run = self.run
+        dead = float((self.rows_since_fired > self.config.dead_after_rows).float().mean())
+        return TrainStats(run.step, run.rows, run.skipped, run.fvu, run.l0, dead, run.auxk, run.lr, run.best_fvu)
+
+    def provenance(self) -> dict[str, str]:
+        """Training facts saved with the SAE."""
+        cfg, run = self.config, self.run
+        facts = {"trainer": "diffbias.train", "steps": str(run.step), "rows": str(run.rows),
+                 "skipped_rows": str(run.skipped), "fvu": f"{run.fvu:.6g}", "best_fvu": f"{run.best_fvu:.6g}",
+                 "lr": f"{cfg.base_lr:.6g}", "batch_size": str(cfg.batch_size), "seed": str(cfg.seed),
+                 "processes": str(self.world)}  # fmt: skip
+        facts.update(run.extra)
+        return facts
+
+    def best_sae(self) -> SparseAutoencoder:
+        """A copy of the SAE with the lowest running FVU seen (the current weights if none was better)."""
+        self._check_best()
+        weights = self.best if self.best is not None else [p.detach() for p in self.params]
+        sae = self.sae
+        return SparseAutoencoder.from_weights(*(w.clone() for w in weights), sae.k, hook=sae.hook,
+                                              model_family=sae.model_family, provenance=self.provenance())
+
+    def save(self, path, *, weights: Literal["best", "current"] = "best") -> None:
+        """Write the SAE (best or current weights) as a native file, atomically (process 0 only)."""
+        from .formats import save_sae
+        from .train_state import write_current
+
+        if ddp.world()[0] != 0:
+            return
+        if weights == "best":
+            save_sae(self.best_sae(), path)
+        else:
+            write_current(self, path)
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_sae` produced.
+
+    sae: the SAE with the lowest running FVU (also written to ``out``). stats: the final :class:`TrainStats`.
+    interrupted: True when a stop request or Ctrl-C ended training early. out, checkpoint: files written.
+    """
+
+    sae: SparseAutoencoder
+    stats: TrainStats
+    interrupted: bool
+    out: Path | None
+    checkpoint: Path | None
+
+
+def rows_per_activation(row_shape: tuple[int, ...], kernel_size: int = 1) -> int:
+    """SAE rows one activation gives: H*W for a (C, H, W) map and kernel 1, else 1."""
+    return row_shape[1] * row_shape[2] if len(row_shape) == 3 and kernel_size == 1 else 1
+
+
+def train_sae(
+    source: ActivationSource,
+    config: TrainConfig,
+    *,
+    out: str | PathLike[str] | None = None,
+    checkpoint: str | PathLike[str] | None = None,
+    resume: bool = False,
+    sae_options: Mapping[str, Any] | None = None,
+    progress: Callable[[TrainStats], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train an SAE on every activation of ``source`` for ``config.epochs`` passes.
+
+    out: where the best SAE is written at the end (native format). checkpoint: a resumable checkpoint
+    written about every ``config.checkpoint_every`` steps and at the end; with ``resume`` an existing one
+    is continued from the data position it records. sae_options: ``kernel_size``, ``model_family``,
+    ``device`` for :class:`SaeTrainer`. stop: polled after every chunk; True ends training early (the
+    files are still written). Ctrl-C also writes them, then re-raises KeyboardInterrupt. With
+    torch.distributed initialized, each process trains on every world-size-th chunk.
+    """
+    from .train_state import load_checkpoint, save_checkpoint
+
+    options = dict(sae_options or {})
+    kernel_size = int(options.get("kernel_size", 1))
+    rank, world = ddp.world()
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        trainer = load_checkpoint(checkpoint, config, device=options.get("device"), progress=progress)
+        if trainer.sae.hook != source.hook or trainer.sae.d_in != source.row_shape[0]:
+            raise ValueError(
+                f"{checkpoint}: trained on hook {trainer.sae.hook!r} width {trainer.sae.d_in}, but the "
+                f"activations are from hook {source.hook!r} with width {source.row_shape[0]}"
+            )
+        logger.info("resuming %s at step %d", checkpoint, trainer.run.step)
+    else:
+        trainer = SaeTrainer(config, source.row_shape[0], kernel_size=kernel_size, hook=source.hook,
+                             model_family=options.get("model_family", "unknown"), device=options.get("device"),
+                             progress=progress)  # fmt: skip
+    read = max(1, config.batch_size // rows_per_activation(source.row_shape, kernel_size))
+    position = {"epoch": int(trainer.run.extra.get("epoch", 0)), "chunk": int(trainer.run.extra.get("chunk", 0))}
+    next_checkpoint = trainer.run.step + config.checkpoint_every
+    interrupted = False
+
+    def write() -> None:
+        if checkpoint is not None:
+            save_checkpoint(trainer, checkpoint, {key: str(value) for key, value in position.items()})
+        if out is not None:
+            trainer.save(out)
+
+    try:
+        while position["epoch"] < config.epochs and not trainer.stopped:
+            start = position["chunk"]
+            for i, batch in enumerate(source.iter_batches(read, start=start + rank, every=world)):
+                trainer.feed(batch.activations)
+                position["chunk"] = start + (i + 1) * world
+                if stop is not None and stop():
+                    trainer.request_stop()
+                    interrupted = True
+                if trainer.stopped:
+                    break
+                if checkpoint is not None and config.checkpoint_every and trainer.run.step >= next_checkpoint:
+                    save_checkpoint(trainer, checkpoint, {key: str(value) for key, value in position.items()})
+                    next_checkpoint = trainer.run.step + config.checkpoint_every
+            else:
+                position = {"epoch": position["epoch"] + 1, "chunk": 0}
+        trainer.finish()
+    except KeyboardInterrupt:
+        trainer.stopped = True  # no further collective calls
+        write()
+        raise
+    write()
+    return TrainResult(trainer.best_sae(), trainer.stats, interrupted, Path(out) if out else None,
+                       Path(checkpoint) if checkpoint else None)  # fmt: skip
+
+
+__all__ = ["SaeTrainer", "TrainConfig", "TrainResult", "TrainStats", "geometric_median", "normalize_rows_",
+           "remove_parallel_component_", "rows_per_activation", "train_sae"]

@@ -1,0 +1,124 @@
+"""Resumable training checkpoints: a native SAE file plus a state sidecar.
+
+``CKPT.safetensors`` is an ordinary native SAE file (the current weights; any tool loads it) and
+``CKPT.state.safetensors`` holds what resuming needs: Adam moments, the best weights so far, the firing
+counters, the shuffle buffer and generator, the counters and the config. Both are written atomically, the
+sidecar first, and each records the step, so a crash between the two writes is detected on resume.
+Resuming a single process continues bit-identically to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from os import PathLike
+from pathlib import Path
+
+import torch
+
+from . import distributed as ddp
+from .formats import FormatError, check_metadata_version, read_safetensors, save_sae, write_safetensors
+from .sae import SparseAutoencoder
+from .train import SaeTrainer, TrainConfig
+
+STATE_FORMAT = "diffbias.train_state"
+STATE_VERSION = 1
+_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+_RUN_FIELDS = ("step", "rows", "skipped", "fvu", "l0", "auxk", "lr", "best_fvu")
+
+
+def state_path(path: str | PathLike[str]) -> Path:
+    """The sidecar of checkpoint ``path``: ``X.safetensors`` -> ``X.state.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.state{path.suffix or '.safetensors'}")
+
+
+def write_current(trainer: SaeTrainer, path: str | PathLike[str]) -> None:
+    """Write the trainer's current weights as a native SAE file (atomically)."""
+    sae = trainer.sae
+    current = SparseAutoencoder.from_weights(*(p.detach() for p in trainer.params), sae.k, hook=sae.hook,
+                                             model_family=sae.model_family, provenance=trainer.provenance())
+    save_sae(current, path)
+
+
+def save_checkpoint(trainer: SaeTrainer, path: str | PathLike[str], extra: dict[str, str] | None = None) -> None:
+    """Write a resumable checkpoint (process 0 only). ``extra``: strings to keep (e.g. a data position)."""
+    if ddp.world()[0] != 0:
+        return
+    trainer.run.extra = {**trainer.run.extra, **(extra or {})}
+    tensors = {f"param.{name}": p.detach() for name, p in zip(_PARAMS, trainer.params, strict=True)}
+    for name, p in zip(_PARAMS, trainer.params, strict=True):
+        for key, value in trainer.optimizer.state.get(p, {}).items():
+            tensors[f"adam.{name}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+    if trainer.best is not None:
+        tensors.update({f"best.{name}": w for name, w in zip(_PARAMS, trainer.best, strict=True)})
+    tensors["rows_since_fired"] = trainer.rows_since_fired
+    tensors["generator"] = trainer.generator.get_state()
+    if trainer.buffer is not None and trainer.fill:
+        tensors["buffer"] = trainer.buffer[:trainer.fill]
+    sae, run = trainer.sae, trainer.run
+    metadata = {
+        "format": STATE_FORMAT, "format_version": str(STATE_VERSION),
+        "config": json.dumps(dataclasses.asdict(trainer.config)), "d_in": str(sae.d_in),
+        "kernel_size": str(sae.kernel_size), "hook": sae.hook, "model_family": sae.model_family,
+        "run": json.dumps({name: getattr(run, name) for name in _RUN_FIELDS}),
+        "initialized": str(run.initialized), "extra": json.dumps(run.extra),
+    }  # fmt: skip
+    write_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata, state_path(path))
+    write_current(trainer, path)
+
+
+def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None, *,
+                    device: torch.device | str | None = None, progress=None) -> SaeTrainer:  # fmt: skip
+    """A trainer restored from checkpoint ``path`` (and its sidecar), ready to continue.
+
+    ``config``: the config to continue with (default: the recorded one); it must keep num_latents and k.
+    In a multi-process run every process restores the weights and optimizer; only process 0 gets the
+    saved shuffle buffer back. Raises FormatError naming the file on a missing or mismatched sidecar.
+    """
+    sidecar = state_path(path)
+    if not sidecar.exists():
+        raise FormatError(f"{path}: no training state {sidecar.name} beside it; it cannot be resumed")
+    tensors, metadata = read_safetensors(sidecar)
+    check_metadata_version(sidecar, metadata, STATE_FORMAT, STATE_VERSION)
+    recorded = TrainConfig(**json.loads(metadata["config"]))
+    config = config or recorded
+    if (config.num_latents, config.k) != (recorded.num_latents, recorded.k):
+        raise ValueError(
+            f"{sidecar}: trained with num_latents {recorded.num_latents}, k {recorded.k}; cannot continue with "
+            f"num_latents {config.num_latents}, k {config.k}"
+        )
+    trainer = SaeTrainer(config, int(metadata["d_in"]), kernel_size=int(metadata["kernel_size"]),
+                         hook=metadata["hook"], model_family=metadata["model_family"], device=device,
+                         progress=progress)  # fmt: skip
+    run = json.loads(metadata["run"])
+    from .formats import sae_metadata
+
+    saved_steps = json.loads(sae_metadata(path).get("provenance", "{}")).get("steps")
+    if saved_steps != str(run["step"]):
+        raise FormatError(f"{path}: the SAE file is at step {saved_steps} but {sidecar.name} at {run['step']}; "
+                          "the checkpoint was interrupted while being written")
+    dev = trainer.sae.device
+    with torch.no_grad():
+        for name, p in zip(_PARAMS, trainer.params, strict=True):
+            p.copy_(tensors[f"param.{name}"])
+            state = {key.rsplit(".", 1)[1]: value.to(dev) for key, value in tensors.items()
+                     if key.startswith(f"adam.{name}.")}  # fmt: skip
+            if state:
+                state["step"] = state["step"].reshape(()).cpu()
+                trainer.optimizer.state[p] = state
+        if "best.W_dec" in tensors:
+            trainer.best = [tensors[f"best.{name}"].to(dev) for name in _PARAMS]
+        trainer.rows_since_fired.copy_(tensors["rows_since_fired"])
+    for name in _RUN_FIELDS:
+        setattr(trainer.run, name, type(getattr(trainer.run, name))(run[name]))
+    trainer.run.initialized = metadata["initialized"] == "True"
+    trainer.run.extra = json.loads(metadata.get("extra", "{}"))
+    if ddp.world()[0] == 0:
+        trainer.generator.set_state(tensors["generator"])
+        if "buffer" in tensors:
+            trainer.feed(tensors["buffer"])  # fewer rows than the buffer holds: no step is taken
+    return trainer
+
+
+__all__ = ["load_checkpoint", "save_checkpoint", "state_path", "write_current"]
