@@ -1,0 +1,18 @@
+"""Shared fixtures of the core tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("diffbias_tests_planted", Path(__file__).with_name("planted.py"))
+_planted = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_planted)
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """The planted-problem generators of ``tests/core/planted.py`` (a module)."""
+    return _planted
