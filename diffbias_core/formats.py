@@ -84,10 +84,13 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a folder, expected a .safetensors file") from None
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise FormatError(f"{path}: this is a pickle/zip checkpoint, not safetensors") from None
     if declared < 0:
         raise FormatError(f"{path}: truncated: {size} bytes, expected at least the 8-byte header length")
+    if declared > size - 8 and (head[:2] == b"PK" or head[:1] == b"\x80"):
+        raise FormatError(
+            f"{path}: this is a pickle/zip checkpoint named like safetensors; refusing it, because unpickling "
+            "can run arbitrary code hidden in the file. Convert it to real .safetensors where you trust it."
+        )
     if declared > size - 8:
         raise FormatError(
             f"{path}: header declares {declared} bytes but only {size - 8} follow the length field "
@@ -254,6 +257,16 @@ def _native_sizes(path: Path, metadata: Mapping[str, str]) -> tuple[int, int, in
     return tuple(_int_field(path, metadata, key) for key in ("d_in", "num_latents", "k", "kernel_size"))  # type: ignore[return-value]
 
 
+def _read_native_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    header, metadata = read_header(path)
+    if metadata.get("format") != SAE_FORMAT:
+        raise FormatError(
+            f"{path}: unknown layout: metadata 'format' is {metadata.get('format')!r}, expected "
+            f"{SAE_FORMAT!r}; for a sparsify, SAELens or DiffLens SAE give the folder holding its cfg.json"
+        )
+    return header, metadata
+
+
 def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
     d_in, num_latents, k, kernel_size = _native_sizes(path, metadata)
     kernel = (kernel_size, kernel_size) if kernel_size > 1 else ()
@@ -313,13 +326,7 @@ def load_sae(
     if folder is not None:
         sae = import_folder(folder, load=True)
     else:
-        header, metadata = read_header(path)
-        if metadata.get("format") != SAE_FORMAT:
-            raise FormatError(
-                f"{path}: unknown layout: metadata 'format' is {metadata.get('format')!r}, expected "
-                f"{SAE_FORMAT!r}; for a sparsify, SAELens or DiffLens SAE give the folder holding its cfg.json"
-            )
-        sae = _load_native(path, header, metadata)
+        sae = _load_native(path, *_read_native_header(path))
     if hook is not None:
         sae.hook = hook
     if model_family is not None:
@@ -341,9 +348,8 @@ def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
     if folder is not None:
         sae = import_folder(folder, load=False)
         return {**sae_file_metadata(sae, fingerprint=False), "format": sae.provenance["imported_from"]}
-    header, metadata = read_header(path)
-    if metadata.get("format") == SAE_FORMAT:
-        _native_sizes(path, metadata)
+    _, metadata = _read_native_header(path)
+    _native_sizes(path, metadata)
     return dict(metadata)
 
 

@@ -172,20 +172,17 @@ def _saelens(path: Path, cfg: dict[str, Any], t: dict[str, Tensor]) -> Imported:
     shapes = {"W_enc": (d_in, latents), "b_enc": (latents,), "W_dec": (latents, d_in), "b_dec": (d_in,)}
     scaling = t.pop("scaling_factor", None)
     expect_shapes(path, t, shapes)
-    w_enc, b_enc, w_dec, b_dec = (
-        t["W_enc"].float(),
-        t["b_enc"].float(),
-        t["W_dec"].float(),
-        t["b_dec"].float(),
-    )
-    if scaling is not None:
-        expect_shapes(path, {"scaling_factor": scaling}, {"scaling_factor": (latents,)})
-        w_dec = w_dec * scaling.float()[:, None]  # (L, d_in): decode scales acts by scaling_factor
+    w_enc, b_enc, w_dec, b_dec = (t[name].float() for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ w_enc  # (L,): the encoder sees x, not x - b_dec
     if cfg.get("rescale_acts_by_decoder_norm", False):
-        norm = w_dec.norm(dim=-1)  # (L,)
+        norm = w_dec.norm(
+            dim=-1
+        )  # (L,): codes are pre-activations times the decoder norm, decoded divided by it
         w_enc, b_enc, w_dec = w_enc * norm, b_enc * norm, w_dec / norm[:, None]
+    if scaling is not None:
+        expect_shapes(path, {"scaling_factor": scaling}, {"scaling_factor": (latents,)})
+        w_dec = w_dec * scaling.float()[:, None]  # (L, d_in): decode scales acts by scaling_factor
     dtype = t["W_dec"].dtype
     canonical = {"W_enc": w_enc.T, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}  # W_enc.T: (L, d_in)
     canonical = {name: tensor.to(dtype).contiguous() for name, tensor in canonical.items()}
