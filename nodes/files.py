@@ -1,0 +1,120 @@
+"""Where the plugin's files live: ComfyUI's ``models/sae`` folder (SAEs, and feature sets beside them).
+
+SAE entries are ``.safetensors`` files: native SAE files, or the weight file of a published layout folder
+(``sae.safetensors`` next to a ``cfg.json``: sparsify, DiffLens; ``sae_weights.safetensors``: SAELens),
+which loads its whole folder. Feature sets are ``<name>.features.safetensors`` files in the folder of the
+SAE they were made for; the SAE list leaves them out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import folder_paths
+
+SAE_FOLDER = "sae"
+"""ComfyUI model folder name (``models/sae``)."""
+FEATURES_SUFFIX = ".features.safetensors"
+"""File name ending of feature-set files."""
+SAE_SUFFIX = ".safetensors"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
+
+
+def register_folder() -> None:
+    """Register ``models/sae`` (first) for ``.safetensors`` files; keeps folders other config added."""
+    folder_paths.add_model_folder_path(SAE_FOLDER, os.path.join(folder_paths.models_dir, SAE_FOLDER), is_default=True)
+    paths, extensions = folder_paths.folder_names_and_paths[SAE_FOLDER]
+    folder_paths.folder_names_and_paths[SAE_FOLDER] = (paths, set(extensions) | {SAE_SUFFIX})
+
+
+def sae_folders() -> list[str]:
+    """The registered SAE folders, default first."""
+    return folder_paths.get_folder_paths(SAE_FOLDER)
+
+
+def _entries() -> list[str]:
+    return folder_paths.get_filename_list(SAE_FOLDER) if SAE_FOLDER in folder_paths.folder_names_and_paths else []
+
+
+def sae_choices() -> list[str]:
+    """SAE entries (relative names) for the Load SAE combo."""
+    return [name for name in _entries() if not name.endswith(FEATURES_SUFFIX)]
+
+
+def feature_choices() -> list[str]:
+    """Feature-set files (relative names) for the Load Features combo."""
+    return [name for name in _entries() if name.endswith(FEATURES_SUFFIX)]
+
+
+def missing_folder_message() -> str | None:
+    """A message saying how to create the SAE folder when none of the registered ones exists."""
+    folders = sae_folders() if SAE_FOLDER in folder_paths.folder_names_and_paths else []
+    if any(os.path.isdir(folder) for folder in folders):
+        return None
+    where = folders[0] if folders else os.path.join(folder_paths.models_dir, SAE_FOLDER)
+    return (f"the SAE folder {where} does not exist: create it and put SAE files (.safetensors, or a "
+            "published SAE folder with its cfg.json) in it, or train one with 'Train Bias SAE (DiffBias)'")
+
+
+def resolve(name: str, what: str = "SAE") -> str:
+    """Full path of a listed entry; FileNotFoundError saying where it was looked for and what to do."""
+    missing = missing_folder_message()
+    if missing is not None:
+        raise FileNotFoundError(missing)
+    path = folder_paths.get_full_path(SAE_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(
+            f"{what} file {name!r} is not in the SAE folders {sae_folders()}; refresh the list (press 'r') "
+            "and pick an existing file"
+        )
+    return path
+
+
+def check_name(name: str, what: str) -> str:
+    """A plain file name (letters, digits, space, ``._+-``; no folders); ValueError otherwise."""
+    name = name.strip()
+    if not _NAME_RE.match(name) or name.endswith(".") or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} is not a plain file name: use letters, digits, spaces and ._+- only, "
+            "without folders, e.g. 'sd15_middle'"
+        )
+    return name
+
+
+def new_sae_path(name: str) -> str:
+    """Where a trained SAE called ``name`` is written: the default SAE folder (created if missing)."""
+    name = check_name(name, "file name").removesuffix(SAE_SUFFIX)
+    folder = sae_folders()[0]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name + SAE_SUFFIX)
+
+
+def features_path(sae_path: str, name: str) -> str:
+    """Where a feature set called ``name`` for the SAE at ``sae_path`` is written: beside that SAE."""
+    name = check_name(name, "file name").removesuffix(FEATURES_SUFFIX).removesuffix(SAE_SUFFIX)
+    return os.path.join(os.path.dirname(os.path.abspath(sae_path)), name + FEATURES_SUFFIX)
+
+
+def display_name(path: str) -> str:
+    """``path`` relative to the SAE folder that holds it (or the path itself)."""
+    for folder in sae_folders():
+        folder = os.path.abspath(folder)
+        if os.path.abspath(path).startswith(folder + os.sep):
+            return os.path.relpath(path, folder).replace(os.sep, "/")
+    return path
+
+
+__all__ = [
+    "FEATURES_SUFFIX",
+    "SAE_FOLDER",
+    "check_name",
+    "display_name",
+    "feature_choices",
+    "features_path",
+    "missing_folder_message",
+    "new_sae_path",
+    "register_folder",
+    "resolve",
+    "sae_choices",
+]

@@ -1,0 +1,70 @@
+"""Load Bias SAE: an SAE from ComfyUI's ``models/sae`` folder."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io, ui
+
+from diffbias_core import load_sae
+
+from . import files
+from .wires import SaeType, SaeWire, describe_sae
+
+
+class LoadSAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiffBiasLoadSAE",
+            display_name="Load Bias SAE (DiffBias)",
+            category="diffbias/sae",
+            description=(
+                "Loads a sparse autoencoder (SAE) trained on one hidden layer (hook point) of a diffusion "
+                "model from ComfyUI/models/sae: native diffbias files, or published sparsify / SAELens / "
+                "DiffLens folders (pick their sae.safetensors or sae_weights.safetensors)."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "sae_name", options=files.sae_choices(),
+                    tooltip="SAE file in ComfyUI/models/sae (subfolders included). A published layout is "
+                            "listed by its weight file and loads its whole folder.",
+                ),
+            ],
+            outputs=[
+                SaeType.Output("sae", tooltip="The SAE, for Attribute Bias Features and Apply Feature "
+                                              "Intervention."),
+                io.Int.Output("width", tooltip="Channel width of the hooked activation (d_in), e.g. 1280 for "
+                                               "the SD1.5 bottleneck."),
+                io.Int.Output("latents", tooltip="Number of SAE latents (dictionary size)."),
+                io.Int.Output("k", tooltip="Active latents per code (TopK)."),
+                io.String.Output("hook", tooltip="Hook point the SAE reads, e.g. unet.middle or dit.double.7."),
+                io.String.Output("family", tooltip="Model family the SAE was trained on (sd15, sdxl, flux, "
+                                                   "...; unknown for most imported files)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sae_name: str) -> bool | str:
+        missing = files.missing_folder_message()
+        if missing is not None:
+            return missing
+        if sae_name not in files.sae_choices():
+            return f"SAE {sae_name!r} is not in the SAE folders {files.sae_folders()}; pick a listed file"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, sae_name: str) -> str:
+        try:
+            path = files.resolve(sae_name)
+            return f"{path}:{os.path.getmtime(path)}"
+        except FileNotFoundError:
+            return sae_name
+
+    @classmethod
+    def execute(cls, sae_name: str) -> io.NodeOutput:
+        path = files.resolve(sae_name)
+        sae = load_sae(path)
+        text = f"{sae_name}: {describe_sae(sae)}"
+        return io.NodeOutput(SaeWire(sae, path), sae.d_in, sae.num_latents, sae.k, sae.hook, sae.model_family,
+                             ui=ui.PreviewText(text))

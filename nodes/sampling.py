@@ -1,0 +1,78 @@
+"""Sampling inside a node: prompts to conditioning, a latent batch, one sampler run with progress.
+
+The same calls as ComfyUI's KSampler node (``comfy.sample.sample`` with ``prepare_noise``), so an image
+sampled here equals the one the KSampler makes from the same seed and settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import torch
+from torch import Tensor
+
+
+def prompt_lines(text: str, what: str, minimum: int = 1) -> list[str]:
+    """Non-empty lines of a multi-line prompt widget; ValueError if fewer than ``minimum``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) < minimum:
+        raise ValueError(
+            f"{what}: expected at least {minimum} non-empty line(s), one prompt per line, got {len(lines)}; "
+            "write one prompt per line"
+        )
+    return lines
+
+
+def encode(clip, text: str) -> list:
+    """ComfyUI conditioning of ``text`` (as CLIPTextEncode makes it)."""
+    if clip is None:
+        raise ValueError("the CLIP input is empty: connect the text encoder of the checkpoint")
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def empty_latent(model, batch: int, width: int, height: int) -> Tensor:
+    """(batch, channels, height/8, width/8) zeros with the model's latent channel count."""
+    latent = torch.zeros([batch, 4, height // 8, width // 8])
+    return comfy.sample.fix_empty_latent_channels(model, latent)
+
+
+class RunSettings(NamedTuple):
+    """Sampler settings shared by the runs of one node (the KSampler's widgets)."""
+
+    steps: int
+    """Sampling steps."""
+    cfg: float
+    """Classifier-free guidance scale."""
+    sampler_name: str
+    """One of ``comfy.samplers.KSampler.SAMPLERS``."""
+    scheduler: str
+    """One of ``comfy.samplers.KSampler.SCHEDULERS``."""
+
+
+def sample(model, positive: list, negative: list, latent: Tensor, seed: int, settings: RunSettings,
+           progress: comfy.utils.ProgressBar | None = None, on_step: Callable[[int], None] | None = None) -> Tensor:
+    """Sample ``latent`` (B, C, h, w) from ``seed``; returns the denoised latent (B, C, h, w).
+
+    ``progress`` advances by one per step; the user's cancel is checked at every step.
+    """
+    noise = comfy.sample.prepare_noise(latent, seed)
+
+    def callback(step: int, x0, x, total_steps: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if progress is not None:
+            progress.update(1)
+        if on_step is not None:
+            on_step(step)
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return comfy.sample.sample(
+        model, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
+        positive, negative, latent, callback=callback, disable_pbar=True, seed=seed,
+    )
+
+
+__all__ = ["RunSettings", "empty_latent", "encode", "prompt_lines", "sample"]

@@ -1,0 +1,44 @@
+"""SAE and feature-set files that the example workflows load by name, made with the core's own writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffbias_core import FeatureSet, SparseAutoencoder, save_features, save_sae
+
+SAE_NAME = "sd15_hspace.safetensors"
+"""Name the example workflows give Load Bias SAE."""
+FEATURE_SETS = {
+    "sd15_hspace.gender.features.safetensors": ("male", "female"),
+    "sd15_hspace.race.features.safetensors": ("white", "black", "asian", "indian"),
+}
+"""Feature files the example workflows load, with their classes."""
+
+
+def example_sae(seed: int = 0, width: int = 1280, latents: int = 512, k: int = 16) -> SparseAutoencoder:
+    """A random per-token SAE for the SD1.5 bottleneck (unet.middle)."""
+    sae = SparseAutoencoder(width, latents, k, hook="unet.middle", model_family="sd15",
+                            provenance={"made_by": "tests/comfy/sae_files.py"})
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    return sae
+
+
+def example_features(sae: SparseAutoencoder, classes: tuple[str, ...], per_class: int = 20, seed: int = 0) -> FeatureSet:
+    """Distinct random feature ids per class with descending scores."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(sae.num_latents, generator=generator)[: per_class * len(classes)].reshape(len(classes), -1)
+    scores = torch.linspace(1.0, 0.1, per_class)
+    return FeatureSet(classes=classes, ids=tuple(row.clone() for row in ids), scores=tuple(scores.clone() for _ in classes),
+                      sae_fingerprint=sae.fingerprint(), hook=sae.hook, method="random",
+                      provenance={"made_by": "tests/comfy/sae_files.py"})
+
+
+def write_example_files(folder: Path) -> None:
+    """Write the SAE and the feature sets the example workflows name into ``folder`` (models/sae)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sae = example_sae()
+    save_sae(sae, folder / SAE_NAME)
+    for i, (name, classes) in enumerate(FEATURE_SETS.items()):
+        save_features(example_features(sae, classes, seed=i), folder / name)

@@ -1,0 +1,1 @@
+"""Test-only stand-in for torchvision: ComfyUI imports it at module level; SD1.x/SDXL/Flux sampling never calls it."""

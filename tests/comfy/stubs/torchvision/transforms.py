@@ -1,0 +1,1 @@
+"""Empty stand-in for torchvision.transforms (test-only)."""

@@ -1,0 +1,60 @@
+"""The plugin loads through ComfyUI's own loader; /object_info lists every node with full tooltips."""
+
+from __future__ import annotations
+
+NODE_IDS = (
+    "DiffBiasLoadSAE",
+    "DiffBiasTrainSAE",
+    "DiffBiasAttributeFeatures",
+    "DiffBiasApplyIntervention",
+    "DiffBiasSaveFeatures",
+    "DiffBiasLoadFeatures",
+    "DiffBiasPreviewFeatures",
+)
+
+
+def test_every_node_is_listed(server):
+    info = server.get("/object_info")
+    missing = [node for node in NODE_IDS if node not in info]
+    assert not missing, f"not listed by /object_info: {missing}; server log:\n{server.log_text()[-3000:]}"
+    ours = sorted(name for name in info if name.startswith("DiffBias"))
+    assert ours == sorted(NODE_IDS), f"unexpected DiffBias nodes: {set(ours) ^ set(NODE_IDS)}"
+
+
+def test_names_categories_and_tooltips(server):
+    info = server.get("/object_info")
+    problems = []
+    for node_id in NODE_IDS:
+        node = info[node_id]
+        if not node["display_name"].endswith("(DiffBias)"):
+            problems.append(f"{node_id}: display name {node['display_name']!r}")
+        if not node["category"].startswith("diffbias/"):
+            problems.append(f"{node_id}: category {node['category']!r}")
+        if not node.get("description"):
+            problems.append(f"{node_id}: no description")
+        for group in ("required", "optional"):
+            for name, spec in node["input"].get(group, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                if not options.get("tooltip"):
+                    problems.append(f"{node_id}: input {name!r} has no tooltip")
+        tooltips = node.get("output_tooltips") or []
+        for i, name in enumerate(node["output_name"]):
+            if i >= len(tooltips) or not tooltips[i]:
+                problems.append(f"{node_id}: output {name!r} has no tooltip")
+    assert not problems, "\n".join(problems)
+
+
+def test_custom_types(server):
+    info = server.get("/object_info")
+    assert "DIFFBIAS_SAE" in info["DiffBiasLoadSAE"]["output"]
+    assert info["DiffBiasApplyIntervention"]["input"]["required"]["sae"][0] == "DIFFBIAS_SAE"
+    assert info["DiffBiasApplyIntervention"]["input"]["required"]["features"][0] == "DIFFBIAS_FEATURES"
+    assert info["DiffBiasApplyIntervention"]["output"] == ["MODEL"]
+
+
+def test_sae_folder_is_listed(server):
+    info = server.get("/object_info/DiffBiasLoadSAE")["DiffBiasLoadSAE"]
+    choices = info["input"]["required"]["sae_name"]
+    options = choices[1].get("options", choices[0]) if len(choices) > 1 else choices[0]
+    assert "sd15_hspace.safetensors" in options
+    assert not [name for name in options if name.endswith(".features.safetensors")]
