@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .formats import check_metadata_version, read_safetensors, write_safetensors
+from .formats import FormatError, check_metadata_version, read_safetensors, write_safetensors
 
 if TYPE_CHECKING:
     from .sae import SparseAutoencoder
@@ -172,12 +172,12 @@ def load_features(path: str | PathLike[str]) -> FeatureSet:
         provenance = json.loads(metadata.get("provenance", "{}"))
         fingerprint, hook, method = metadata["sae_fingerprint"], metadata["hook"], metadata["method"]
     except (KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: feature-set metadata is incomplete or not valid JSON ({error})") from None
+        raise FormatError(f"{path}: feature-set metadata is incomplete or not valid JSON ({error})") from None
     if not isinstance(classes, list) or not isinstance(provenance, dict):
-        raise ValueError(f"{path}: metadata 'classes' must be a JSON list and 'provenance' a JSON object")
+        raise FormatError(f"{path}: metadata 'classes' must be a JSON list and 'provenance' a JSON object")
     expected = {f"{kind}.{i}" for i in range(len(classes)) for kind in ("ids", "scores")}
     if set(tensors) != expected:
-        raise ValueError(
+        raise FormatError(
             f"{path}: expected tensors {sorted(expected)} for {len(classes)} classes, found {sorted(tensors)}"
         )
     try:
@@ -191,7 +191,7 @@ def load_features(path: str | PathLike[str]) -> FeatureSet:
             provenance=provenance,
         )
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise FormatError(f"{path}: {error}") from None
 
 
 __all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "load_features", "save_features"]
