@@ -34,7 +34,10 @@ class Proportions(NamedTuple):
 
 
 def _as_float64(values: ArrayLike, what: str) -> Tensor:
-    tensor = torch.as_tensor(values).detach().to("cpu", torch.float64)
+    if isinstance(values, Tensor):
+        tensor = values.detach().to("cpu", torch.float64)
+    else:
+        tensor = torch.as_tensor(values, dtype=torch.float64)  # python floats are float64: keep every digit
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{what} must be finite, got {tensor.tolist()}")
     if (tensor < 0).any():
