@@ -14,9 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 import comfy.cli_args
+import torch
 
 comfy.cli_args.args.cpu = True
 
@@ -24,8 +23,8 @@ import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import nodes  # noqa: E402  (ComfyUI's own nodes module)
 
+import nodes  # noqa: E402  (ComfyUI's own nodes module)
 from diffbias_core import EditSpec, FeatureSet, SparseAutoencoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
