@@ -21,9 +21,11 @@ from . import files
 from .apply import ApplyIntervention
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
+from .train_sae import TrainSAE
 
 NODES: list[type[io.ComfyNode]] = [
     LoadSAE,
+    TrainSAE,
     ApplyIntervention,
     SaveFeatures,
     LoadFeatures,
