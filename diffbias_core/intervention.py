@@ -142,6 +142,21 @@ def _edit_coefficients(
     return a, c
 
 
+def _selected_values(values: Tensor, indices: Tensor, ids: Tensor, num_latents: int) -> Tensor:
+    """z_j of latents ``ids`` (M,) from a top-k code (values, indices: (B, P, k)) -> (B, P, M); 0 where not active.
+
+    A (num_latents,) map sends each listed latent to one slot (M = "not listed"); the code's values are
+    scattered into (B, P, M + 1) slots. Indices are distinct per token, so a listed slot receives at most one
+    value and is exact; the spare slot collects the rest and is dropped. Memory O(B P (k + M)).
+    """
+    entries = ids.numel()
+    slot_of = torch.full((num_latents,), entries, dtype=torch.int64, device=ids.device)  # (L,)
+    slot_of[ids] = torch.arange(entries, device=ids.device)  # a repeated latent keeps one of its slots
+    slots = values.new_zeros(*values.shape[:-1], entries + 1)  # (B, P, M + 1)
+    slots.scatter_(-1, slot_of[indices], values)  # the spare slot M may be written many times
+    return slots[..., slot_of[ids]]  # (B, P, M): each entry reads its latent's slot
+
+
 def apply_edit(
     x: Tensor, sae: SparseAutoencoder, table: FeatureTable, sample_class: Tensor, spec: EditSpec
 ) -> Tensor:
@@ -170,8 +185,7 @@ def apply_edit(
     code = sae.encode(x.to(weight.device))  # values, indices: (B, P, k)
     a, c = _edit_coefficients(table, sample_class, spec, weight.dtype)  # (B, M) each
     ids = table.ids.reshape(-1)  # (M,)
-    hit = code.indices.unsqueeze(-1) == ids  # (B, P, k, M)
-    z = (code.values.unsqueeze(-1) * hit).sum(-2)  # (B, P, M): z_j, 0 when j is not among the top k
+    z = _selected_values(code.values, code.indices, ids, sae.num_latents)  # (B, P, M)
     delta = a.unsqueeze(1) * z + c.unsqueeze(1)  # (B, P, M) = z' - z
     change = delta @ weight[ids]  # (B, P, M) @ (M, n_in) -> (B, P, n_in)
     edited = x + change.to(device=x.device, dtype=x.dtype)
