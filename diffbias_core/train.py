@@ -88,13 +88,19 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"TrainConfig.max_steps must be a positive integer or None, got {self.max_steps!r}")
+            raise ValueError(
+                f"TrainConfig.max_steps must be a positive integer or None, got {self.max_steps!r}"
+            )
         if not self.auxk_alpha >= 0:
             raise ValueError(f"TrainConfig.auxk_alpha must be >= 0, got {self.auxk_alpha!r}")
         if self.lr_schedule not in ("constant", "linear"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+            raise ValueError(
+                f"TrainConfig.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}"
+            )
         if self.lr_schedule == "linear" and self.max_steps is None:
-            raise ValueError("TrainConfig.lr_schedule 'linear' decays to zero at max_steps, so it needs max_steps")
+            raise ValueError(
+                "TrainConfig.lr_schedule 'linear' decays to zero at max_steps, so it needs max_steps"
+            )
         if self.b_dec_init not in ("geometric_median", "mean", "zero"):
             raise ValueError(
                 f"TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zero', got {self.b_dec_init!r}"
@@ -186,8 +192,16 @@ class SaeTrainer:
                  progress: Callable[[TrainStats], None] | None = None) -> None:  # fmt: skip
         self.config = config
         self.progress = progress
-        self.sae = SparseAutoencoder(d_in, config.num_latents, config.k, kernel_size=kernel_size, hook=hook,
-                                     model_family=model_family, dtype=torch.float32, device="meta")
+        self.sae = SparseAutoencoder(
+            d_in,
+            config.num_latents,
+            config.k,
+            kernel_size=kernel_size,
+            hook=hook,
+            model_family=model_family,
+            dtype=torch.float32,
+            device="meta",
+        )
         self.sae.to_empty(device=device or "cpu")
         self.sae.reset_parameters(torch.Generator().manual_seed(config.seed))
         self.params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
@@ -204,6 +218,8 @@ class SaeTrainer:
         self.run = _Running()
         self.stopped = False
         """True once training has ended (stop requested, max_steps reached, or another process ran dry)."""
+        self.interrupted = False
+        """True when :meth:`request_stop` ended training."""
 
     # ------------------------------------------------------------------ feeding
     def feed(self, x: Tensor) -> None:
@@ -230,7 +246,7 @@ class SaeTrainer:
             self.buffer = torch.empty(self.capacity, self.sae.n_in, device=self.sae.device)
         while x.shape[0] and not self.stopped:
             take = min(self.capacity - self.fill, x.shape[0])
-            self.buffer[self.fill:self.fill + take] = x[:take]
+            self.buffer[self.fill : self.fill + take] = x[:take]
             self.fill += take
             x = x[take:]
             if self.fill == self.capacity:
@@ -244,26 +260,27 @@ class SaeTrainer:
             if not self.stopped:
                 ddp.all_agree(False, self.sae.device)  # release processes still waiting for a step
             self.stopped = True
-        self._check_best()
+        if not self.interrupted:  # a stop request keeps the state a resumed run would continue from
+            self._check_best()
         return self.stats
 
     def request_stop(self) -> None:
         """End training now; :meth:`feed` ignores rows afterwards. The best weights stay available."""
         if not self.stopped and ddp.is_distributed():
             ddp.all_agree(False, self.sae.device)
-        self.stopped = True
+        self.stopped = self.interrupted = True
 
     def _drain(self, keep: int, partial: bool = False) -> None:
         """Shuffle the buffer and train on all but ``keep`` rows, in batches from its end."""
         assert self.buffer is not None
         perm = torch.randperm(self.fill, generator=self.generator).to(self.sae.device)
-        self.buffer[:self.fill] = self.buffer[perm]
+        self.buffer[: self.fill] = self.buffer[perm]
         if not self.run.initialized:
-            self._first_rows = self.buffer[:self.fill]  # b_dec starts at their centre (in the first step)
+            self._first_rows = self.buffer[: self.fill]  # b_dec starts at their centre (in the first step)
         size = self.config.batch_size
         while self.fill - keep >= size or (partial and self.fill > keep):
             rows = min(size, self.fill - keep)
-            if not self._step(self.buffer[self.fill - rows:self.fill]):
+            if not self._step(self.buffer[self.fill - rows : self.fill]):
                 break
             self.fill -= rows
 
@@ -280,7 +297,9 @@ class SaeTrainer:
         """One optimizer step on rows x: (B, n_in). False when training has ended instead."""
         cfg, sae = self.config, self.sae
         # every process reaches max_steps at the same step, so only the data can run out unevenly
-        if (cfg.max_steps is not None and self.run.step >= cfg.max_steps) or not ddp.all_agree(True, sae.device):
+        if (cfg.max_steps is not None and self.run.step >= cfg.max_steps) or not ddp.all_agree(
+            True, sae.device
+        ):
             self.stopped = True
             return False
         if not self.run.initialized:
@@ -299,9 +318,9 @@ class SaeTrainer:
             ddp.mean_(flat)
             offset = 0
             for p in self.params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
-            summary, fired = flat[offset:offset + 3], flat[offset + 3:]
+            summary, fired = flat[offset : offset + 3], flat[offset + 3 :]
         with torch.no_grad():
             remove_parallel_component_(sae.w_dec_flat, self.sae.W_dec.grad.view(cfg.num_latents, -1))
             self.optimizer.step()
@@ -339,7 +358,9 @@ class SaeTrainer:
         if num_dead:
             k_aux = max(1, sae.n_in // 2)
             scale = min(num_dead / k_aux, 1.0)
-            aux_idx = pre.masked_fill(~dead, -math.inf).topk(min(k_aux, num_dead), dim=1, sorted=False).indices
+            aux_idx = (
+                pre.masked_fill(~dead, -math.inf).topk(min(k_aux, num_dead), dim=1, sorted=False).indices
+            )
             aux_val = gather_encode(sae_in, w_enc, sae.b_enc, aux_idx, pre)  # (B, k_aux)
             residual = sparse_decode(aux_idx, aux_val, w_dec)  # (B, n_in), no bias: it predicts the error
             auxk = scale * (residual - error.detach()).pow(2).sum() / total
@@ -355,7 +376,9 @@ class SaeTrainer:
     def stats(self) -> TrainStats:
         run = self.run
         dead = float((self.rows_since_fired > self.config.dead_after_rows).float().mean())
-        return TrainStats(run.step, run.rows, run.skipped, run.fvu, run.l0, dead, run.auxk, run.lr, run.best_fvu)
+        return TrainStats(
+            run.step, run.rows, run.skipped, run.fvu, run.l0, dead, run.auxk, run.lr, run.best_fvu
+        )
 
     def provenance(self) -> dict[str, str]:
         """Training facts saved with the SAE."""
@@ -369,11 +392,16 @@ class SaeTrainer:
 
     def best_sae(self) -> SparseAutoencoder:
         """A copy of the SAE with the lowest running FVU seen (the current weights if none was better)."""
-        self._check_best()
-        weights = self.best if self.best is not None else [p.detach() for p in self.params]
+        current = self.best is None or self.run.fvu < self.run.best_fvu
+        weights = [p.detach() for p in self.params] if current else self.best
         sae = self.sae
-        return SparseAutoencoder.from_weights(*(w.clone() for w in weights), sae.k, hook=sae.hook,
-                                              model_family=sae.model_family, provenance=self.provenance())
+        return SparseAutoencoder.from_weights(
+            *(w.clone() for w in weights),
+            sae.k,
+            hook=sae.hook,
+            model_family=sae.model_family,
+            provenance=self.provenance(),
+        )
 
     def save(self, path, *, weights: Literal["best", "current"] = "best") -> None:
         """Write the SAE (best or current weights) as a native file, atomically (process 0 only)."""
@@ -445,7 +473,10 @@ def train_sae(
                              model_family=options.get("model_family", "unknown"), device=options.get("device"),
                              progress=progress)  # fmt: skip
     read = max(1, config.batch_size // rows_per_activation(source.row_shape, kernel_size))
-    position = {"epoch": int(trainer.run.extra.get("epoch", 0)), "chunk": int(trainer.run.extra.get("chunk", 0))}
+    position = {
+        "epoch": int(trainer.run.extra.get("epoch", 0)),
+        "chunk": int(trainer.run.extra.get("chunk", 0)),
+    }
     next_checkpoint = trainer.run.step + config.checkpoint_every
     interrupted = False
 
@@ -481,5 +512,14 @@ def train_sae(
                        Path(checkpoint) if checkpoint else None)  # fmt: skip
 
 
-__all__ = ["SaeTrainer", "TrainConfig", "TrainResult", "TrainStats", "geometric_median", "normalize_rows_",
-           "remove_parallel_component_", "rows_per_activation", "train_sae"]
+__all__ = [
+    "SaeTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "TrainStats",
+    "geometric_median",
+    "normalize_rows_",
+    "remove_parallel_component_",
+    "rows_per_activation",
+    "train_sae",
+]

@@ -117,7 +117,10 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
     if ddp.world()[0] == 0:
         trainer.generator.set_state(tensors["generator"])
         if "buffer" in tensors:
-            trainer.feed(tensors["buffer"])  # fewer rows than the buffer holds: no step is taken
+            rows = tensors["buffer"]
+            trainer.buffer = torch.empty(trainer.capacity, trainer.sae.n_in, device=dev)
+            trainer.fill = min(rows.shape[0], trainer.capacity)
+            trainer.buffer[:trainer.fill] = rows[:trainer.fill].to(dev)
     return trainer
 
 

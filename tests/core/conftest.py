@@ -16,3 +16,14 @@ _spec.loader.exec_module(_planted)
 def planted():
     """The planted-problem generators of ``tests/core/planted.py`` (a module)."""
     return _planted
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (faster for small training loops on a shared machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
