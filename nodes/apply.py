@@ -74,7 +74,7 @@ class ApplyIntervention(io.ComfyNode):
                 io.Boolean.Input("cond_only", default=True,
                                  tooltip="Edit only the conditional (positive) half of a CFG batch, as "
                                          "DiffLens does; the unconditional prediction stays exact."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Mixed with the sampler's seed to draw each image's class: the same "
                                      "sampler seed reproduces the image, a new one redraws the classes."),
             ],

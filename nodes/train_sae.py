@@ -67,7 +67,7 @@ class TrainSAE(io.ComfyNode):
                                tooltip="Sampler, as in KSampler."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
                                tooltip="Scheduler, as in KSampler."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise seed of the first run (run i uses seed + i); also seeds the SAE."),
                 io.Int.Input("images", default=64, min=1, max=100000,
                              tooltip="Number of images to sample in all (more images, better SAE)."),
