@@ -73,6 +73,7 @@ def build_unet(size: str):
 
 def make_sae_and_features(width: int, kernel: int, latents: int, k: int):
     import torch
+
     from diffbias_core import FeatureSet, SparseAutoencoder
 
     sae = SparseAutoencoder(width, latents, k, kernel_size=kernel, hook="unet.middle", model_family="sd15")
@@ -114,8 +115,9 @@ def main() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    import nodes as comfy_nodes
     import torch
+
+    import nodes as comfy_nodes
 
     if args.threads:
         torch.set_num_threads(args.threads)
