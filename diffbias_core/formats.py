@@ -338,7 +338,7 @@ def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
     """The metadata of an SAE file or folder, reading only headers and ``cfg.json`` (cheap, for listings).
 
     Native files: their stored metadata. Imported layouts: the same keys as a native file (``format`` names
-    the layout, e.g. ``sparsify``; no ``fingerprint``, which needs the weights).
+    the layout, e.g. ``sparsify``; no ``format_version``, and no ``fingerprint``, which needs the weights).
     """
     from .importers import import_folder, layout_folder
 
@@ -347,7 +347,9 @@ def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
     folder = layout_folder(path)
     if folder is not None:
         sae = import_folder(folder, load=False)
-        return {**sae_file_metadata(sae, fingerprint=False), "format": sae.provenance["imported_from"]}
+        metadata = {**sae_file_metadata(sae, fingerprint=False), "format": sae.provenance["imported_from"]}
+        del metadata["format_version"]  # the native layout's version says nothing about an imported one
+        return metadata
     _, metadata = _read_native_header(path)
     _native_sizes(path, metadata)
     return dict(metadata)

@@ -110,7 +110,7 @@ def test_sparsify_import_matches_reference(sizes):
     assert sae.provenance["imported_from"] == "sparsify"
     assert sae.provenance["source_hook"] == "unet.up_blocks.1.attentions.1"
     assert meta["format"] == "sparsify" and meta["num_latents"] == str(latents) and meta["k"] == str(k)
-    assert "fingerprint" not in meta
+    assert "fingerprint" not in meta and "format_version" not in meta
 
 
 def test_sparsify_num_latents_zero_uses_expansion(tmp_path):
