@@ -207,8 +207,8 @@ class SaeTrainer:
         self.params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
         ddp.broadcast_([p.data for p in self.params])
         self.optimizer = torch.optim.Adam(self.params, lr=config.base_lr)
-        rank, self.world = ddp.world()
-        self.generator = torch.Generator().manual_seed(config.seed * 7919 + 1 + rank)
+        self.world = ddp.world()[1]
+        self.generator = torch.Generator().manual_seed(config.seed * 7919 + 1)  # one permutation everywhere
         self.capacity = config.batch_size * config.buffer_batches
         self.buffer: Tensor | None = None  # (capacity, n_in), allocated on the first feed
         self.fill = 0
