@@ -291,6 +291,10 @@ class ActivationSource(Protocol):
         """All activations of one sampling step."""
         ...
 
+    def column(self, name: str) -> Tensor:
+        """A whole small column (``step``, ``label``, ``sample``, ...) over all activations: (N,)."""
+        ...
+
 
 class ShardSet:
     """Several shards of one hook point, streamed in bounded memory.
@@ -329,6 +333,9 @@ class ShardSet:
     def steps(self) -> list[int]:
         return sorted(set(torch.cat(self._steps).tolist()))
 
+    def column(self, name: str) -> Tensor:
+        return torch.cat([reader.column(name) for reader in self.readers])
+
     def select_step(self, step: int) -> ActivationBatch:
         parts = [reader.rows(torch.nonzero(steps == step).flatten().numpy())
                  for reader, steps in zip(self.readers, self._steps, strict=True) if bool((steps == step).any())]
@@ -359,6 +366,9 @@ class MemorySource:
 
     def select_step(self, step: int) -> ActivationBatch:
         return self.batch.select(self.batch.step == step)
+
+    def column(self, name: str) -> Tensor:
+        return getattr(self.batch, name)
 
 
 __all__ = [

@@ -1,0 +1,190 @@
+"""Per-step linear probes: the DiffLens "h-classifier".
+
+One multiclass logistic regression ``Linear(C*H*W -> classes)`` per sampling step, trained on the
+hooked activations labelled by the class their prompt named. Features are standardised for the fit and
+the scaling is folded back into the weights, so :meth:`StepProbes.logits` takes raw activations. The
+held-out split is by sample id (both images of a pair fall on the same side), the same for every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import ActivationBatch, ActivationSource
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the per-step probes are fitted."""
+
+    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    """Full-batch L-BFGS (default, deterministic) or full-batch Adam."""
+    iterations: int = 100
+    """L-BFGS iterations or Adam steps (>= 1)."""
+    lr: float | None = None
+    """Learning rate; None: 1.0 for L-BFGS (with a line search), 1e-2 for Adam."""
+    weight_decay: float = 1e-3
+    """L2 penalty weight_decay / 2 * |W|^2 on the standardised weights (>= 0)."""
+    holdout: float = 0.25
+    """Fraction of sample ids held out to measure accuracy, in [0, 1)."""
+    seed: int = 0
+    """Seed of the held-out split."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("lbfgs", "adam"):
+            raise ValueError(f"ProbeConfig.optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"ProbeConfig.iterations must be a positive integer, got {self.iterations!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"ProbeConfig.lr must be > 0 or None, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"ProbeConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"ProbeConfig.holdout must be in [0, 1), got {self.holdout!r}")
+
+
+class StepProbes:
+    """Linear probes, one per sampling step, for activations of one hook.
+
+    steps: (S,) int64 sorted step indices. weight: (S, classes, features). bias: (S, classes).
+    accuracy: (S,) held-out accuracy per step (NaN without a held-out split). train_accuracy: (S,).
+    row_shape: shape of one activation, (d_in,) or (C, H, W); features = its product.
+    """
+
+    def __init__(self, steps: Tensor, weight: Tensor, bias: Tensor, *, classes: Sequence[str], hook: str,
+                 row_shape: tuple[int, ...], accuracy: Tensor, train_accuracy: Tensor) -> None:  # fmt: skip
+        self.steps, self.weight, self.bias = steps, weight, bias
+        self.classes, self.hook, self.row_shape = tuple(classes), hook, tuple(row_shape)
+        self.accuracy, self.train_accuracy = accuracy, train_accuracy
+
+    @property
+    def features(self) -> int:
+        """Input width of every probe: the product of ``row_shape``."""
+        return math.prod(self.row_shape)
+
+    def check(self, hook: str, row_shape: tuple[int, ...], where: str = "the activations") -> None:
+        """Raise ValueError unless ``hook`` and ``row_shape`` are the ones these probes were fitted on."""
+        if hook != self.hook or tuple(row_shape) != self.row_shape:
+            raise ValueError(
+                f"these probes were fitted on hook {self.hook!r} with activations of shape {self.row_shape}, "
+                f"but {where} are from hook {hook!r} with shape {tuple(row_shape)}; fit probes on this hook"
+            )
+
+    def logits(self, x: Tensor, step: int | Tensor) -> Tensor:
+        """Class logits of activations x: (N, *row_shape) or (N, features) at ``step`` (int or (N,)) -> (N, classes)."""
+        flat = x.reshape(x.shape[0], -1)  # (N, features)
+        if flat.shape[1] != self.features:
+            raise ValueError(
+                f"probes for hook {self.hook!r} take {self.features} features (activations {self.row_shape}), "
+                f"got {flat.shape[1]} (shape {tuple(x.shape[1:])})"
+            )
+        position = self.position(step).to(x.device)
+        weight, bias = self.weight.to(x.device, x.dtype), self.bias.to(x.device, x.dtype)
+        if position.ndim == 0:
+            return flat @ weight[position].T + bias[position]
+        return torch.einsum("nf,ncf->nc", flat, weight[position]) + bias[position]
+
+    def position(self, step: int | Tensor) -> Tensor:
+        """Index into :attr:`steps` of every step given; ValueError for a step without a probe."""
+        step = torch.as_tensor(step, dtype=torch.int64).cpu()
+        position = torch.searchsorted(self.steps, step).clamp_max(len(self.steps) - 1)
+        missing = step[self.steps[position] != step] if step.ndim else step[None][self.steps[position] != step]
+        if missing.numel():
+            raise ValueError(f"no probe for step {int(missing[0])}; probes exist for steps {self.steps.tolist()}")
+        return position
+
+
+def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + x.abs().max()))
+    return mean, std
+
+
+def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig) -> tuple[Tensor, Tensor]:
+    """Multiclass logistic regression on raw x: (N, F), y: (N,) -> weight (classes, F), bias (classes,)."""
+    mean, std = _standardise(x)
+    z = (x - mean) / std  # (N, F)
+    weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
+
+    def loss() -> Tensor:
+        return F.cross_entropy(z @ weight.T + bias, y) + 0.5 * config.weight_decay * weight.pow(2).sum()
+
+    with torch.enable_grad():
+        if config.optimizer == "lbfgs":
+            opt = torch.optim.LBFGS([weight, bias], lr=config.lr or 1.0, max_iter=config.iterations,
+                                    line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+            def closure() -> Tensor:
+                opt.zero_grad()
+                value = loss()
+                value.backward()
+                return value
+
+            opt.step(closure)
+        else:
+            opt = torch.optim.Adam([weight, bias], lr=config.lr or 1e-2)
+            for _ in range(config.iterations):
+                opt.zero_grad()
+                loss().backward()
+                opt.step()
+    w = weight.detach() / std  # fold the standardisation back: logits = x @ w.T + b
+    return w, bias.detach() - w @ mean
+
+
+def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
+    """The sample ids held out: a seeded ``fraction`` of the distinct ids in samples (N,) -> (M,)."""
+    ids = samples.unique()
+    count = int(round(fraction * len(ids)))
+    if fraction > 0 and len(ids) > 1:
+        count = min(max(count, 1), len(ids) - 1)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return ids[order[:count]].sort().values
+
+
+def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int):
+    labelled = batch.select(batch.label >= 0)
+    test = torch.isin(labelled.sample, held)
+    x = labelled.activations.reshape(labelled.num_rows, -1).float()  # (N, features)
+    y = labelled.label
+    train_labels = y[~test].unique().tolist()
+    if len(train_labels) < 2:
+        present = [classes[i] for i in train_labels]
+        raise ValueError(f"step {step}: the probe needs training activations of at least two classes, found {present}")
+    weight, bias = fit_logistic(x[~test], y[~test], len(classes), config)
+    predicted = (x @ weight.T + bias).argmax(1)
+    correct = predicted == y
+    accuracy = correct[test].float().mean() if bool(test.any()) else torch.tensor(float("nan"))
+    return weight, bias, accuracy, correct[~test].float().mean()
+
+
+def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
+               progress: Callable[[int, int], None] | None = None) -> StepProbes:  # fmt: skip
+    """Fit one probe per step of ``source`` on its labelled activations (label >= 0).
+
+    progress: called with (steps done, steps in all). Raises ValueError when the source has fewer than
+    two classes or a step has training activations of only one class.
+    """
+    if len(source.classes) < 2:
+        raise ValueError(f"probes need at least two classes, the activations name {list(source.classes)}")
+    steps = source.steps()
+    held = holdout_samples(source.column("sample"), config.holdout, config.seed)
+    results = []
+    for i, step in enumerate(steps):  # one step in memory at a time
+        results.append(_fit_step(source.select_step(step), held, source.classes, config, step))
+        if progress is not None:
+            progress(i + 1, len(steps))
+    weight, bias, accuracy, train_accuracy = (torch.stack(parts) for parts in zip(*results, strict=True))
+    return StepProbes(torch.tensor(steps, dtype=torch.int64), weight, bias, classes=source.classes,
+                      hook=source.hook, row_shape=source.row_shape, accuracy=accuracy,
+                      train_accuracy=train_accuracy)  # fmt: skip
+
+
+__all__ = ["ProbeConfig", "StepProbes", "fit_logistic", "fit_probes", "holdout_samples"]
