@@ -1,7 +1,7 @@
 """Exact oracles for the toy world: read the colour, the shape and the foreground mask of an image.
 
 Pixel rules only, no learned classifier. The background is grey (no chroma) and the shape is a
-saturated red, green or blue, so:
+light red, green or blue (chroma about 0.45), so:
 
 * foreground = pixels whose chroma (max - min channel, in [0, 1] units) exceeds a threshold,
   reduced to its largest 8-connected component;
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .world import COLOURS, SHAPES, shape_masks
 
-CHROMA_THRESHOLD = 0.3
+CHROMA_THRESHOLD = 0.2
 """Foreground chroma threshold, in [0, 1] units."""
 MIN_AREA = 8
 """Foregrounds smaller than this many pixels are unreadable (colour and shape -1)."""

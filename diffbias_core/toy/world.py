@@ -1,4 +1,4 @@
-"""The synthetic world of the embedded demo: one coloured shape on a grey background.
+"""The synthetic world of the embedded demo: one light coloured shape on a dark grey background.
 
 A prompt names a shape and may name a colour. When it names no colour, the colour (the protected
 attribute) follows a per-shape skew, e.g. "circle" is red 85% of the time. Positions, sizes, colour
@@ -31,7 +31,9 @@ DEFAULT_SKEW: tuple[tuple[float, ...], ...] = (
 )
 """Colour probabilities per shape (rows: SHAPES, columns: COLOURS) for prompts that name no colour."""
 
-_BASE_RGB = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.15], [0.15, 0.2, 0.9]])  # (colours, 3) in [0, 1]
+# Light shapes on dark grounds: foreground minus background shares a large common (brightness) part
+# across colours, so where a shape goes does not depend on which colour it gets.
+_BASE_RGB = torch.tensor([[0.95, 0.5, 0.5], [0.5, 0.95, 0.5], [0.5, 0.5, 0.95]])  # (colours, 3) in [0, 1]
 
 
 def _check_skew(skew: tuple[tuple[float, ...], ...]) -> None:
@@ -56,7 +58,7 @@ class WorldConfig:
     """Per-shape colour probabilities when the prompt names no colour (rows SHAPES, columns COLOURS)."""
     named_colour_rate: float = 0.5
     """Fraction of prompts that name the colour; named colours are drawn uniformly."""
-    colour_jitter: float = 0.08
+    colour_jitter: float = 0.05
     """Uniform per-channel jitter of the shape colour, in [0, 0.1]."""
 
     def __post_init__(self) -> None:
@@ -88,7 +90,7 @@ class Scenes(NamedTuple):
     size: Tensor
     """(B,) float extent in pixels."""
     background: Tensor
-    """(B, 2) float grey levels in [0, 1] at the top and bottom edge (a vertical gradient)."""
+    """(B, 2) float grey levels in [0, 0.35] at the top and bottom edge (a vertical gradient)."""
     rgb: Tensor
     """(B, 3) float shape colour in [0, 1]."""
 
@@ -135,8 +137,7 @@ def sample_scenes(
     size = _uniform(n, config.min_size, config.max_size, generator)
     room = config.image_size - size  # free pixels along each axis
     centre = torch.stack([size / 2 + room * torch.rand(n, generator=generator) for _ in range(2)], dim=1)
-    background = torch.stack([_uniform(n, 0.15, 0.85, generator) for _ in range(2)], dim=1)
-    background = background.mean(1, keepdim=True) + 0.3 * (background - background.mean(1, keepdim=True))
+    background = torch.stack([_uniform(n, 0.0, 0.35, generator) for _ in range(2)], dim=1)
     jitter = (torch.rand(n, 3, generator=generator) * 2 - 1) * config.colour_jitter
     rgb = (_BASE_RGB[colour] + jitter).clamp(0, 1)
     return Scenes(shape.long(), colour.long(), named, centre, size, background, rgb)

@@ -1,0 +1,126 @@
+"""Noise schedule, training loss and the DDIM sampler of the toy model.
+
+Continuous time t in [0, 1] with the cosine schedule: alpha(t) = cos(pi/2 * (t + s) / (1 + s)),
+sigma(t) = sqrt(1 - alpha^2), x_t = alpha x0 + sigma noise. The model predicts
+v = alpha noise - sigma x0. Sampling is deterministic DDIM (eta = 0) on an even grid from t = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+_OFFSET = 0.008
+
+StepCallback = Callable[[int, float], None]
+"""Called as ``callback(step_index, t)`` before each model evaluation of a sampling run."""
+
+
+def alpha_sigma(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Signal and noise scales. t: (B,) in [0, 1] -> alpha (B,), sigma (B,)."""
+    alpha = torch.cos(0.5 * math.pi * (t + _OFFSET) / (1 + _OFFSET)).clamp(0.0, 1.0)
+    sigma = (1 - alpha.pow(2)).clamp_min(0.0).sqrt()
+    return alpha, sigma
+
+
+def v_loss(model: nn.Module, x0: Tensor, prompt: Tensor, generator: torch.Generator) -> Tensor:
+    """Mean squared v-prediction error. x0: (B, 3, S, S), prompt: (B, PROMPT_LENGTH) -> scalar."""
+    b = x0.shape[0]
+    t = torch.rand(b, generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    alpha, sigma = (a.view(-1, 1, 1, 1).to(x0.dtype) for a in alpha_sigma(t))
+    x_t = alpha * x0 + sigma * noise
+    target = alpha * noise - sigma * x0
+    return (model(x_t, t, prompt) - target).pow(2).mean()
+
+
+def timesteps(steps: int) -> Tensor:
+    """Sampling grid: (steps + 1,) from 1 down to 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: nn.Module,
+    prompt: Tensor,
+    noise: Tensor,
+    steps: int,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Deterministic DDIM from ``noise`` to images.
+
+    prompt: (B, PROMPT_LENGTH) int64, noise: (B, 3, S, S) -> images (B, 3, S, S) in [-1, 1].
+    ``callback(i, t)`` runs before the i-th model evaluation (i = 0 is the noisiest), so a hook on
+    the model can tell which step it is in.
+    """
+    grid = timesteps(steps)
+    x = noise
+    b = noise.shape[0]
+    for i in range(steps):
+        t, s = float(grid[i]), float(grid[i + 1])
+        if callback is not None:
+            callback(i, t)
+        t_vec = torch.full((b,), t, device=noise.device, dtype=noise.dtype)
+        a_t, s_t = alpha_sigma(t_vec[:1])
+        a_s, s_s = alpha_sigma(torch.full((1,), s))
+        v = model(x, t_vec, prompt)
+        x0 = (a_t * x - s_t * v).clamp(-1, 1)
+        if i == steps - 1:  # the last step returns the clean estimate (sigma(0) is small, not 0)
+            return x0
+        eps = (x - a_t * x0) / s_t.clamp_min(1e-4)
+        x = a_s.to(x.dtype) * x0 + s_s.to(x.dtype) * eps
+    return x.clamp(-1, 1)
+
+
+def initial_noise(n: int, image_size: int, seed: int) -> Tensor:
+    """Reproducible starting noise (n, 3, S, S) from ``seed``; the same seed gives the same twins."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, image_size, image_size, generator=generator)
+
+
+ChunkCallback = Callable[[slice, int, float], None]
+"""Called as ``callback(rows, step_index, t)``: ``rows`` are the batch rows being sampled."""
+
+
+def sample_in_chunks(
+    model: nn.Module,
+    prompt: Tensor,
+    noise: Tensor,
+    steps: int,
+    *,
+    chunk: int = 500,
+    callback: ChunkCallback | None = None,
+    on_chunk_done: Callable[[int], None] | None = None,
+) -> Tensor:
+    """:func:`ddim_sample` over row chunks of at most ``chunk`` images.
+
+    prompt: (N, PROMPT_LENGTH), noise: (N, 3, S, S) -> (N, 3, S, S). ``on_chunk_done(n)`` reports
+    progress (n images finished).
+    """
+    if prompt.shape[0] != noise.shape[0]:
+        raise ValueError(f"prompt has {prompt.shape[0]} rows but noise has {noise.shape[0]}")
+    outputs = []
+    for start in range(0, noise.shape[0], chunk):
+        rows = slice(start, min(start + chunk, noise.shape[0]))
+        step_cb = None if callback is None else (lambda i, t, rows=rows: callback(rows, i, t))
+        outputs.append(ddim_sample(model, prompt[rows], noise[rows], steps, step_cb))
+        if on_chunk_done is not None:
+            on_chunk_done(rows.stop - rows.start)
+    return torch.cat(outputs) if outputs else noise.clone()
+
+
+__all__ = [
+    "ChunkCallback",
+    "StepCallback",
+    "alpha_sigma",
+    "ddim_sample",
+    "initial_noise",
+    "sample_in_chunks",
+    "timesteps",
+    "v_loss",
+]
