@@ -17,6 +17,8 @@ from diffbias_core.activations import (
 )
 from diffbias_core.formats import write_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
+
 
 def _batch(n=6, shape=(3, 2, 2), dtype=torch.float32, seed=0, step=None):
     g = torch.Generator().manual_seed(seed)

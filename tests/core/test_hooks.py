@@ -4,6 +4,8 @@ from torch import nn
 
 from diffbias_core.hooks import capture_outputs, edit_outputs, get_module
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
+
 
 class _Pair(nn.Module):
     def forward(self, x):

@@ -18,6 +18,8 @@ from diffbias_core.train import (
 )
 from diffbias_core.train_state import load_checkpoint, state_path
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
+
 
 def _source(x, hook="test.hook"):
     return MemorySource(make_batch(x, 0), hook=hook)
@@ -121,7 +123,7 @@ def test_config_validation(bad, match):
     (3, 16, 24, 48, 2, 0.02),  # overcomplete: more atoms than dimensions
     (4, 32, 32, 32, 3, 0.02),  # exactly as many latents as atoms
 ])  # fmt: skip
-def test_recovers_planted_dictionary(planted, one_thread, seed, width, atoms, latents, k, noise):
+def test_recovers_planted_dictionary(planted, seed, width, atoms, latents, k, noise):
     x, dictionary = planted.planted_rows(100 + seed, width, atoms, k, rows=12_000, noise=noise)
     config = TrainConfig(num_latents=latents, k=k, batch_size=256, lr=6e-3, warmup_steps=10, epochs=4,
                          dead_after_rows=4_000, seed=seed)  # fmt: skip
@@ -133,7 +135,7 @@ def test_recovers_planted_dictionary(planted, one_thread, seed, width, atoms, la
     assert planted.best_cosine(dictionary, torch.randn(latents, width)).mean() < 0.8
 
 
-def test_auxk_revives_dead_latents(planted, one_thread):
+def test_auxk_revives_dead_latents(planted):
     x, _ = planted.planted_rows(5, width=16, atoms=32, k=3, rows=12_000, noise=0.01)
     dead_fraction = {}
     for alpha in (0.0, 1 / 32):
@@ -199,7 +201,7 @@ def _config(**kw):
                           "lr": 3e-3, "epochs": 2, "dead_after_rows": 300, "checkpoint_every": 4, **kw})
 
 
-def test_resume_continues_identically(tmp_path, planted, one_thread):
+def test_resume_continues_identically(tmp_path, planted):
     x, _ = planted.planted_rows(9, width=8, atoms=12, k=2, rows=1_500, noise=0.01)
     source = _source(x)
     full = train_sae(source, _config(), checkpoint=tmp_path / "full.safetensors", out=tmp_path / "full_best.safetensors")
