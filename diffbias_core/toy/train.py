@@ -182,6 +182,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files are read by everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
