@@ -19,6 +19,7 @@ except ModuleNotFoundError as error:  # the plugin folder was cloned but not ins
 
 from . import files
 from .apply import ApplyIntervention
+from .attribute import AttributeFeatures
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
 from .train_sae import TrainSAE
@@ -26,6 +27,7 @@ from .train_sae import TrainSAE
 NODES: list[type[io.ComfyNode]] = [
     LoadSAE,
     TrainSAE,
+    AttributeFeatures,
     ApplyIntervention,
     SaveFeatures,
     LoadFeatures,

@@ -56,6 +56,8 @@ def _accuracy_panel(draw: ImageDraw.ImageDraw, top: int, accuracy: Sequence[floa
         draw.line(points, fill=_COLOURS[0], width=2)
     for x, y in points:
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=_COLOURS[0])
+    draw.text((left, top + height + 4), "first step", fill=_INK, font=font)
+    draw.text((right - 50, top + height + 4), "last step", fill=_INK, font=font)
     return top + height + _PAD + _ROW
 
 

@@ -6,6 +6,7 @@ sampled here equals the one the KSampler makes from the same seed and settings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,6 +28,35 @@ def prompt_lines(text: str, what: str, minimum: int = 1) -> list[str]:
     return lines
 
 
+def class_prompts(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(class names, prompts) from one prompt per line, at least two.
+
+    ``name: prompt`` lines name their class; otherwise the name is what differs between the lines
+    ("a photo of a male person" / "a photo of a female person" -> "male" / "female").
+    """
+    lines = prompt_lines(text, "class prompts", minimum=2)
+    named = [_NAMED.match(line) for line in lines]
+    if all(named):
+        names, prompts = [m["name"].strip() for m in named], [m["prompt"].strip() for m in named]
+    else:
+        words = [line.split() for line in lines]
+        head = 0
+        while all(len(w) > head for w in words) and len({w[head] for w in words}) == 1:
+            head += 1
+        tail = 0
+        while all(len(w) > head + tail for w in words) and len({w[-1 - tail] for w in words}) == 1:
+            tail += 1
+        names = [" ".join(w[head:len(w) - tail]) for w in words]
+        prompts = lines
+    names = [name.replace(",", " ").strip() for name in names]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(
+            f"class prompts: could not tell the classes apart (names {names}); start each line with its class "
+            "name, e.g. 'male: a photo of a man' / 'female: a photo of a woman'"
+        )
+    return tuple(names), tuple(prompts)
+
+
 def encode(clip, text: str) -> list:
     """ComfyUI conditioning of ``text`` (as CLIPTextEncode makes it)."""
     if clip is None:
@@ -38,6 +68,9 @@ def empty_latent(model, batch: int, width: int, height: int) -> Tensor:
     """(batch, channels, height/8, width/8) zeros with the model's latent channel count."""
     latent = torch.zeros([batch, 4, height // 8, width // 8])
     return comfy.sample.fix_empty_latent_channels(model, latent)
+
+
+_NAMED = re.compile(r"^(?P<name>[^:]{1,40}):(?P<prompt>.+)$")
 
 
 class RunSettings(NamedTuple):
@@ -75,4 +108,4 @@ def sample(model, positive: list, negative: list, latent: Tensor, seed: int, set
     )
 
 
-__all__ = ["RunSettings", "empty_latent", "encode", "prompt_lines", "sample"]
+__all__ = ["RunSettings", "class_prompts", "empty_latent", "encode", "prompt_lines", "sample"]

@@ -253,9 +253,28 @@ def flux_checks(mapping, patching) -> dict:
     return out
 
 
+def folder_checks(mapping) -> dict:
+    """A missing models/sae folder: validation and execution say where to create it."""
+    import folder_paths
+
+    saved = folder_paths.folder_names_and_paths["sae"]
+    folder_paths.folder_names_and_paths["sae"] = (["/nonexistent/diffbias/models/sae"], {".safetensors"})
+    load = mapping["DiffBiasLoadSAE"]
+    try:
+        validation = load.validate_inputs(sae_name="x.safetensors")
+        try:
+            load.execute(sae_name="x.safetensors")
+            raised = ""
+        except FileNotFoundError as error:
+            raised = str(error)
+    finally:
+        folder_paths.folder_names_and_paths["sae"] = saved
+    return {"missing_folder_validation": validation, "missing_folder_error": raised}
+
+
 def main() -> None:
     mapping, patching = load_plugin()
-    results = {}
+    results = folder_checks(mapping)
     results.update(unet_checks(mapping, patching))
     results.update(flux_checks(mapping, patching))
     print("RESULTS " + json.dumps(results))

@@ -35,6 +35,23 @@ def example_features(sae: SparseAutoencoder, classes: tuple[str, ...], per_class
                       provenance={"made_by": "tests/comfy/sae_files.py"})
 
 
+ERROR_SAES = {
+    "wrong_width.safetensors": dict(width=640),
+    "wrong_hook.safetensors": dict(hook="dit.double.0"),
+    "other_sd15.safetensors": dict(seed=1),
+}
+"""SAE files the bad-input tests load: another width, a DiT hook, and a second SD1.5 h-space SAE."""
+
+
+def write_error_files(folder: Path) -> None:
+    """Write the SAE files of :data:`ERROR_SAES` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, options in ERROR_SAES.items():
+        sae = example_sae(seed=options.get("seed", 0), width=options.get("width", 1280))
+        sae.hook = options.get("hook", sae.hook)
+        save_sae(sae, folder / name)
+
+
 def write_example_files(folder: Path) -> None:
     """Write the SAE and the feature sets the example workflows name into ``folder`` (models/sae)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,9 @@ def test_flux_double_block_edits_image_tokens_only(results):
 def test_flux_single_block_edits_image_tokens_only(results):
     assert results["single_txt_identical"]
     assert results["single_img_changed_everywhere"]
+
+
+def test_missing_sae_folder_says_where_to_create_it(results):
+    for key in ("missing_folder_validation", "missing_folder_error"):
+        message = results[key]
+        assert "/nonexistent/diffbias/models/sae" in message and "create it" in message, message
