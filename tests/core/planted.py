@@ -61,7 +61,8 @@ class PlantedMaps(NamedTuple):
 def planted_maps(seed: int, *, width: int = 24, atoms: int = 20, classes: int = 2, per_class: int = 2,
                  background_k: int = 2, samples: int = 12, steps: int = 2, size: int = 2,
                  noise: float = 0.02) -> PlantedMaps:  # fmt: skip
-    """Maps whose class is carried only by the class atoms (present at about half the positions)."""
+    """Maps whose class is carried only by the class atoms (each present at about 60% of the positions,
+    independently, so that every class atom is evidence of its own)."""
     g = torch.Generator().manual_seed(seed)
     dictionary = unit_dictionary(atoms, width, g)
     n_class_atoms = classes * per_class
@@ -74,9 +75,9 @@ def planted_maps(seed: int, *, width: int = 24, atoms: int = 20, classes: int = 
             background[:, n_class_atoms:] = sparse_codes(positions, background_atoms, background_k, g)
             for c in range(classes):
                 code = background.clone()
-                where = torch.rand(positions, generator=g) < 0.6
-                where[torch.randint(positions, (1,), generator=g)] = True
-                for atom in range(c * per_class, (c + 1) * per_class):
+                for atom in range(c * per_class, (c + 1) * per_class):  # each atom is separate evidence
+                    where = torch.rand(positions, generator=g) < 0.6
+                    where[torch.randint(positions, (1,), generator=g)] = True
                     code[where, atom] = 1.0 + torch.rand(int(where.sum()), generator=g)
                 x = code @ dictionary + noise * torch.randn(positions, width, generator=g)  # (P, width)
                 maps.append(x.T.reshape(width, size, size))  # (width, H, W)
@@ -90,9 +91,11 @@ def planted_maps(seed: int, *, width: int = 24, atoms: int = 20, classes: int = 
 
 
 def oracle_sae(dictionary: Tensor, k: int, hook: str = "test.hook"):
-    """An SAE whose decoder and encoder are the planted dictionary (latent j = atom j)."""
+    """An SAE whose decoder is the planted dictionary (latent j = atom j) and whose encoder is its dual
+    basis (pseudo-inverse), so codes are recovered exactly when there are no more atoms than dimensions."""
     from diffbias_core.sae import SparseAutoencoder
 
     atoms, width = dictionary.shape
-    return SparseAutoencoder.from_weights(dictionary.clone(), torch.zeros(atoms), dictionary.clone(),
-                                          torch.zeros(width), k, hook=hook)  # fmt: skip
+    encoder = torch.linalg.pinv(dictionary).T.contiguous()  # (atoms, width): encoder[j] . atom[i] = [i == j]
+    return SparseAutoencoder.from_weights(encoder, torch.zeros(atoms), dictionary.clone(), torch.zeros(width), k,
+                                          hook=hook)  # fmt: skip
