@@ -1,0 +1,149 @@
+"""``python -m diffbias_core train-sae|attribute``: dissect and attribute from activation shards.
+
+    python -m diffbias_core train-sae SHARD... --latents 4096 --k 32 --out sae.safetensors
+    python -m diffbias_core attribute --sae sae.safetensors SHARD... --out features.safetensors
+
+``train-sae`` runs data-parallel under ``torchrun --nproc-per-node N -m diffbias_core train-sae ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+from . import distributed as ddp
+from .activations import ShardSet
+from .attribution import AttributionConfig, attribute
+from .features import save_features
+from .formats import FormatError, load_sae
+from .probes import ProbeConfig, fit_probes
+from .toy.progress import Progress
+from .train import TrainConfig, rows_per_activation, train_sae
+from .train_state import state_path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train-sae`` and ``attribute`` commands."""
+    train = subparsers.add_parser("train-sae", help="train a TopK SAE on activation shards",
+                                  description=train_command.__doc__)  # fmt: skip
+    train.add_argument("shards", nargs="+", type=Path, metavar="SHARD", help="activation shard files")
+    train.add_argument("--latents", type=int, required=True, help="number of SAE latents")
+    train.add_argument("--k", type=int, required=True, help="active latents per row")
+    train.add_argument("--out", type=Path, required=True, help="SAE file to write (the best weights)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    length.add_argument("--epochs", type=int, default=1, help="passes over the shards (default 1)")
+    train.add_argument("--batch-size", type=int, default=4096, help="rows per optimizer step (default 4096)")
+    train.add_argument("--lr", type=float, help="learning rate (default 2e-4 / sqrt(latents / 2^14))")
+    train.add_argument("--warmup-steps", type=int, default=1000, help="learning-rate warm-up steps")
+    train.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK loss weight (0 disables it)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
+    train.add_argument("--kernel-size", type=int, default=1, help="1: per-position codes; K: one code per KxK map")
+    train.add_argument("--model-family", default="unknown", help="model family recorded in the SAE file")
+    train.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
+    train.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUT with .ckpt)")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    train.set_defaults(run=train_command)
+
+    attr = subparsers.add_parser("attribute", help="rank the SAE features of each class of labelled shards",
+                                 description=attribute_command.__doc__)  # fmt: skip
+    attr.add_argument("shards", nargs="+", type=Path, metavar="SHARD", help="labelled, paired activation shards")
+    attr.add_argument("--sae", type=Path, required=True, help="SAE file or folder")
+    attr.add_argument("--out", type=Path, required=True, help="feature-set file to write")
+    attr.add_argument("--method", choices=("ig", "mean-diff", "random"), default="ig", help="ranking (default ig)")
+    attr.add_argument("--baseline", choices=("paired", "zero"), default="paired", help="IG baseline")
+    attr.add_argument("--top-k", type=int, default=100, help="features kept per class (default 100)")
+    attr.add_argument("--points", type=int, default=16, help="IG interpolation points (default 16)")
+    attr.add_argument("--temperature", type=float, default=1000.0, help="probe softmax temperature (default 1000)")
+    attr.add_argument("--probe-iterations", type=int, default=100, help="L-BFGS iterations per probe")
+    attr.add_argument("--holdout", type=float, default=0.25, help="share of samples held out for probe accuracy")
+    attr.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the random control")
+    attr.set_defaults(run=attribute_command)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Train a TopK sparse autoencoder on the activations of one hook point."""
+    try:
+        shards = ShardSet(args.shards)
+        config = TrainConfig(num_latents=args.latents, k=args.k, batch_size=args.batch_size, lr=args.lr,
+                             warmup_steps=args.warmup_steps, max_steps=args.steps, epochs=1 if args.steps else args.epochs,
+                             auxk_alpha=args.auxk_alpha, seed=args.seed, checkpoint_every=args.checkpoint_every)  # fmt: skip
+    except (ValueError, OSError) as error:
+        return _fail(str(error))
+    ddp.init_from_env()
+    rank, world = ddp.world()
+    rows = shards.num_rows * rows_per_activation(shards.row_shape, args.kernel_size)  # SAE rows per pass
+    if args.steps:  # enough passes to reach the step count
+        config = dataclasses.replace(config, epochs=max(1, math.ceil(args.steps * args.batch_size * world / max(rows, 1))))
+    total = args.steps or max(1, math.ceil(rows * config.epochs / (args.batch_size * world)))
+    checkpoint = args.checkpoint or args.out.with_name(f"{args.out.stem}.ckpt{args.out.suffix or '.safetensors'}")
+    with Progress(total, "train-sae", enabled=rank == 0) as bar:
+        def progress(stats) -> None:
+            bar.desc = f"train fvu {stats.fvu:.4f}"
+            bar.update(stats.step - bar.done)
+
+        try:
+            result = train_sae(shards, config, out=args.out, checkpoint=checkpoint, resume=args.resume,
+                               sae_options={"kernel_size": args.kernel_size, "model_family": args.model_family,
+                                            "device": args.device}, progress=progress)  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: best SAE so far in {args.out}, resume with --resume from {checkpoint}",
+                  file=sys.stderr)  # fmt: skip
+            return 130
+        except (ValueError, OSError) as error:
+            return _fail(str(error))
+    if rank == 0:
+        s = result.stats
+        print(f"trained {s.step} steps on {s.rows} rows ({s.skipped} non-finite rows skipped) in {world} "
+              f"process(es): FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%")
+        print(f"wrote {args.out} (checkpoint {checkpoint}, state {state_path(checkpoint).name})")
+    return 0
+
+
+def attribute_command(args: argparse.Namespace) -> int:
+    """Fit per-step probes on labelled shards and rank the SAE's features per class."""
+    try:
+        shards = ShardSet(args.shards)
+        sae = load_sae(args.sae)
+        config = AttributionConfig(method=args.method, baseline=args.baseline, top_k=args.top_k,
+                                   points=args.points, temperature=args.temperature, seed=args.seed)  # fmt: skip
+        probes = None
+        if config.method == "ig":
+            steps = shards.steps()
+            with Progress(len(steps), "fit probes") as bar:
+                probes = fit_probes(shards, ProbeConfig(iterations=args.probe_iterations, holdout=args.holdout,
+                                                        seed=args.seed),
+                                    progress=lambda done, total: bar.update(done - bar.done))  # fmt: skip
+            print("step  held-out accuracy  train accuracy")
+            for step, acc, train_acc in zip(probes.steps.tolist(), probes.accuracy.tolist(),
+                                            probes.train_accuracy.tolist(), strict=True):  # fmt: skip
+                print(f"{step:4d}  {acc:17.3f}  {train_acc:14.3f}")
+        with Progress(1, f"attribute ({config.method})") as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.done)
+
+            features = attribute(sae, shards, config, probes, progress=progress)
+        features = type(features)(features.classes, features.ids, features.scores, features.sae_fingerprint,
+                                  features.hook, features.method,
+                                  {**features.provenance, "sae": args.sae.name,
+                                   "shards": ",".join(p.name for p in args.shards)})  # fmt: skip
+        save_features(features, args.out)
+    except (ValueError, OSError, FormatError) as error:
+        return _fail(str(error))
+    for name, ids in zip(features.classes, features.ids, strict=True):
+        print(f"{name}: {', '.join(map(str, ids[:10].tolist()))}{' ...' if len(ids) > 10 else ''}")
+    print(f"wrote {args.out} ({features.method}, {len(features.ids[0])} features per class)")
+    return 0
+
+
+__all__ = ["attribute_command", "register", "train_command"]
