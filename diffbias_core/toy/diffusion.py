@@ -3,6 +3,10 @@
 Continuous time t in [0, 1] with the cosine schedule: alpha(t) = cos(pi/2 * (t + s) / (1 + s)),
 sigma(t) = sqrt(1 - alpha^2), x_t = alpha x0 + sigma noise. The model predicts
 v = alpha noise - sigma x0. Sampling is deterministic DDIM (eta = 0) on an even grid from t = 1.
+
+The diffusion runs in "model space": the RGB image in an orthonormal (brightness, chroma 1,
+chroma 2) basis with the two chroma axes scaled by ``chroma_scale`` (see ``UNetConfig``). The loss
+takes RGB images and the sampler returns RGB images; only the model sees model space.
 """
 
 from __future__ import annotations
@@ -26,8 +30,32 @@ def alpha_sigma(t: Tensor) -> tuple[Tensor, Tensor]:
     return alpha, sigma
 
 
+def colour_basis(chroma_scale: float) -> Tensor:
+    """(3, 3) matrix from RGB to model space: rows brightness, gamma * chroma 1, gamma * chroma 2."""
+    basis = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]])
+    basis = basis / basis.norm(dim=1, keepdim=True)  # orthonormal rows
+    return basis * torch.tensor([1.0, chroma_scale, chroma_scale]).view(3, 1)
+
+
+def to_model_space(rgb: Tensor, chroma_scale: float) -> Tensor:
+    """rgb: (B, 3, S, S) -> (B, 3, S, S) model-space image."""
+    return torch.einsum("ij,bjhw->bihw", colour_basis(chroma_scale).to(rgb), rgb)
+
+
+def to_rgb(y: Tensor, chroma_scale: float) -> Tensor:
+    """Inverse of :func:`to_model_space`. y: (B, 3, S, S) -> (B, 3, S, S) RGB."""
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(colour_basis(chroma_scale)).to(y), y)
+
+
+def chroma_scale_of(model: nn.Module) -> float:
+    """The model's ``config.chroma_scale`` (1.0, plain RGB, for a module without one)."""
+    config = getattr(model, "config", None)
+    return float(getattr(config, "chroma_scale", 1.0))
+
+
 def v_loss(model: nn.Module, x0: Tensor, prompt: Tensor, generator: torch.Generator) -> Tensor:
-    """Mean squared v-prediction error. x0: (B, 3, S, S), prompt: (B, PROMPT_LENGTH) -> scalar."""
+    """Mean squared v-prediction error in model space. x0: (B, 3, S, S) RGB, prompt: (B, PROMPT_LENGTH) -> scalar."""
+    x0 = to_model_space(x0, chroma_scale_of(model))
     b = x0.shape[0]
     t = torch.rand(b, generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -54,10 +82,11 @@ def ddim_sample(
 ) -> Tensor:
     """Deterministic DDIM from ``noise`` to images.
 
-    prompt: (B, PROMPT_LENGTH) int64, noise: (B, 3, S, S) -> images (B, 3, S, S) in [-1, 1].
-    ``callback(i, t)`` runs before the i-th model evaluation (i = 0 is the noisiest), so a hook on
-    the model can tell which step it is in.
+    prompt: (B, PROMPT_LENGTH) int64, noise: (B, 3, S, S) model-space noise -> RGB images (B, 3, S, S)
+    in [-1, 1]. ``callback(i, t)`` runs before the i-th model evaluation (i = 0 is the noisiest), so a
+    hook on the model can tell which step it is in. The clean estimate is clipped to [-1, 1] in RGB.
     """
+    gamma = chroma_scale_of(model)
     grid = timesteps(steps)
     x = noise
     b = noise.shape[0]
@@ -69,12 +98,12 @@ def ddim_sample(
         a_t, s_t = alpha_sigma(t_vec[:1])
         a_s, s_s = alpha_sigma(torch.full((1,), s))
         v = model(x, t_vec, prompt)
-        x0 = (a_t * x - s_t * v).clamp(-1, 1)
+        x0 = to_model_space(to_rgb(a_t * x - s_t * v, gamma).clamp(-1, 1), gamma)
         if i == steps - 1:  # the last step returns the clean estimate (sigma(0) is small, not 0)
-            return x0
+            return to_rgb(x0, gamma).clamp(-1, 1)
         eps = (x - a_t * x0) / s_t.clamp_min(1e-4)
         x = a_s.to(x.dtype) * x0 + s_s.to(x.dtype) * eps
-    return x.clamp(-1, 1)
+    return to_rgb(x, gamma).clamp(-1, 1)
 
 
 def initial_noise(n: int, image_size: int, seed: int) -> Tensor:
@@ -118,9 +147,13 @@ __all__ = [
     "ChunkCallback",
     "StepCallback",
     "alpha_sigma",
+    "chroma_scale_of",
+    "colour_basis",
     "ddim_sample",
     "initial_noise",
     "sample_in_chunks",
     "timesteps",
+    "to_model_space",
+    "to_rgb",
     "v_loss",
 ]

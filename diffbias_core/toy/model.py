@@ -49,12 +49,18 @@ class UNetConfig:
     """Width of the timestep embedding."""
     heads: int = 4
     """Attention heads in the middle block (must divide widths[2])."""
+    chroma_scale: float = 0.4
+    """The diffusion runs on (brightness, gamma * chroma) coordinates of the RGB image, gamma in (0, 1]:
+    a small gamma hides colour under the noise for longer, so sampling settles where a shape goes
+    (brightness) before which colour it gets, and a colour edit leaves the layout alone."""
 
     def __post_init__(self) -> None:
         if self.image_size % 4 or self.image_size < 8:
             raise ValueError(f"image_size must be a multiple of 4 and >= 8, got {self.image_size}")
         if len(self.widths) != 3 or any(w < 8 or w % 8 for w in self.widths):
             raise ValueError(f"widths must be 3 multiples of 8, got {self.widths}")
+        if not 0.0 < self.chroma_scale <= 1.0:
+            raise ValueError(f"chroma_scale must be in (0, 1], got {self.chroma_scale}")
         if self.widths[2] % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide the bottleneck width {self.widths[2]}")
 
