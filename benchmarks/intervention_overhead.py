@@ -3,8 +3,9 @@
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/intervention_overhead.py [--json out.json]
 
 Builds ComfyUI's own SD1.5 UNet with random weights, samples one image (a batch of 2 per step: cond +
-uncond) at 512x512 through ``comfy.sample.sample`` and times every sampler step from the sampler's
-callbacks. Three models take turns, in rotated order, so drifting machine load hits them alike:
+uncond) at 512x512 through ``comfy.sample.sample`` with euler (one model call per step) and times every
+model call with an APPLY_MODEL wrapper. Three models take turns run by run, in rotated order, so drifting
+machine load hits them alike:
 
 * ``unpatched``: the UNet as loaded;
 * ``per_token``: Apply Feature Intervention at ``unet.middle`` with a per-token SAE (1280 -> 5120 latents, k 32);
@@ -40,8 +41,11 @@ def reexec_with_comfyui() -> None:
     parts = [comfyui, str(REPO)]
     if importlib.util.find_spec("torchvision") is None:
         parts.insert(0, str(REPO / "tests" / "comfy" / "stubs"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(parts + [os.environ.get("PYTHONPATH", "")]),
-               DIFFBIAS_BENCH_CHILD="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(parts + [os.environ.get("PYTHONPATH", "")]),
+        DIFFBIAS_BENCH_CHILD="1",
+    )
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -52,12 +56,25 @@ def build_unet(size: str):
 
     full = size == "sd15"
     config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320 if full else 64,
-        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": torch.float32,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": 320 if full else 64,
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": torch.float32,
     }
     base = comfy.supported_models.SD15(config).get_model({})
     generator = torch.Generator().manual_seed(0)
@@ -79,33 +96,49 @@ def make_sae_and_features(width: int, kernel: int, latents: int, k: int):
     sae = SparseAutoencoder(width, latents, k, kernel_size=kernel, hook="unet.middle", model_family="sd15")
     sae.reset_parameters(torch.Generator().manual_seed(kernel))
     ids = torch.randperm(latents, generator=torch.Generator().manual_seed(1))[:20].reshape(2, 10)
-    features = FeatureSet(classes=("male", "female"), ids=(ids[0].clone(), ids[1].clone()),
-                          scores=(torch.linspace(1, 0.1, 10), torch.linspace(1, 0.1, 10)),
-                          sae_fingerprint=sae.fingerprint(), hook=sae.hook, method="random")
+    features = FeatureSet(
+        classes=("male", "female"),
+        ids=(ids[0].clone(), ids[1].clone()),
+        scores=(torch.linspace(1, 0.1, 10), torch.linspace(1, 0.1, 10)),
+        sae_fingerprint=sae.fingerprint(),
+        hook=sae.hook,
+        method="random",
+    )
     return sae, features
 
 
-def step_times(model, positive, negative, latent_size: int, steps: int, seed: int) -> list[float]:
-    """Seconds of every sampler step after the first (from the sampler's callbacks)."""
+def timed(model, log: list[float]):
+    """A clone of ``model`` whose every diffusion-model call (one per euler step) appends its seconds to ``log``."""
+    import comfy.patcher_extension
+
+    def timer(executor, *args, **kwargs):
+        start = time.perf_counter()
+        out = executor(*args, **kwargs)
+        log.append(time.perf_counter() - start)
+        return out
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "diffbias_benchmark", timer)
+    return clone
+
+
+def sample_once(model, positive, negative, latent_size: int, steps: int, seed: int) -> None:
     import comfy.sample
     import torch
 
-    stamps: list[float] = []
     latent = torch.zeros(1, 4, latent_size, latent_size)
     noise = comfy.sample.prepare_noise(latent, seed)
-    start = time.perf_counter()
-    comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
-                        callback=lambda *args: stamps.append(time.perf_counter()), disable_pbar=True, seed=seed)
-    marks = [start, *stamps]
-    return [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
+    comfy.sample.sample(
+        model, noise, steps, 7.0, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=seed
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the timings and ratios to this file")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (default 512)")
-    parser.add_argument("--steps", type=int, default=3, help="sampler steps per run; the first is not timed")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of one run per model, rotated")
+    parser.add_argument("--steps", type=int, default=2, help="sampler steps (model calls) per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of one run per model, in rotated order")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--small", action="store_true", help="a 64-channel UNet (checks the script quickly)")
     args = parser.parse_args()
@@ -140,27 +173,50 @@ def main() -> None:
     for name, (kernel, latents, k) in layouts.items():
         sae, features = make_sae_and_features(width, kernel, latents, k)
         models[name] = patching.add_intervention(
-            model, parse_hook("unet.middle"), sae, features, EditSpec(mode="add", strength=10.0, top_k=10),
-            weights=(1.0, 1.0), fixed=None, seed=0, window=(0.0, 1.0), cond_only=True)
+            model,
+            parse_hook("unet.middle"),
+            sae,
+            features,
+            EditSpec(mode="add", strength=10.0, top_k=10),
+            weights=(1.0, 1.0),
+            fixed=None,
+            seed=0,
+            window=(0.0, 1.0),
+            cond_only=True,
+        )
     times: dict[str, list[float]] = {name: [] for name in models}
+    runs = {name: timed(patched, times[name]) for name, patched in models.items()}
     names = list(models)
-    for name in names:  # warm-up: first loads, allocations and the SAE copies in the compute dtype
-        step_times(models[name], positive, negative, latent_size, 2, 0)
+    for name in names:  # warm-up: first loads, allocations, the SAE's working copy; not counted
+        sample_once(runs[name], positive, negative, latent_size, 1, 0)
+        times[name].clear()
     for round_index in range(args.rounds):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
-            times[name] += step_times(models[name], positive, negative, latent_size, args.steps, round_index)
+            sample_once(runs[name], positive, negative, latent_size, args.steps, round_index)
             print(f"round {round_index + 1}/{args.rounds} {name}: {times[name][-1]:.3f} s/step", flush=True)
     median = {name: statistics.median(values) for name, values in times.items()}
     ratios = {name: median[name] / median["unpatched"] for name in models if name != "unpatched"}
-    print(f"\nSD1.5-architecture UNet{' (small)' if args.small else ''}, {args.size}x{args.size}, batch 2 "
-          f"(cond + uncond), euler, {torch.get_num_threads()} threads; median of {len(times['unpatched'])} steps")
+    print(
+        f"\nSD1.5-architecture UNet{' (small)' if args.small else ''}, {args.size}x{args.size}, batch 2 "
+        f"(cond + uncond), euler, {torch.get_num_threads()} threads; median of {len(times['unpatched'])} steps"
+    )
     for name in models:
         extra = f"  ratio {ratios[name]:.4f}" if name in ratios else ""
         print(f"  {name:10s} {median[name]:8.3f} s/step{extra}")
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "small": args.small, "seconds": times,
-                                         "median": median, "ratios": ratios}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "size": args.size,
+                    "small": args.small,
+                    "seconds": times,
+                    "median": median,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -49,34 +49,80 @@ class ApplyIntervention(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch; it stays unchanged."),
                 SaeType.Input("sae", tooltip="SAE trained on this model's hook point (Load Bias SAE)."),
-                FeaturesType.Input("features", tooltip="Bias features found on that SAE (Load Bias Features "
-                                                       "or Attribute Bias Features)."),
-                io.Combo.Input("mode", options=list(MODES), default="balance",
-                               tooltip="balance: each image gets a class so the batch follows the target; "
-                                       "push: every image gets the one class named in target; suppress: the "
-                                       "features of all classes are removed (target and strength unused)."),
-                io.String.Input("target", default="",
-                                tooltip="Target distribution over the feature set's classes: '' = uniform, "
-                                        "'1,1' in class order, or 'male:0.3,female:0.7'. For push: one class "
-                                        "name. Weights >= 0, at least one > 0."),
-                io.Combo.Input("edit", options=list(EDITS), default="add",
-                               tooltip="add: z_j += strength at every position (neutral 0); scale: z_j *= "
-                                       "strength where the feature is active (neutral 1)."),
-                io.Float.Input("strength", default=10.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.1,
-                               tooltip="Edit strength: add -1000..1000 (neutral 0), scale 0..1000 (neutral 1). "
-                                       "A neutral value returns the model unchanged."),
-                io.Int.Input("top_k", default=10, min=0, max=1000,
-                             tooltip="Features edited per class, best first (0-1000; 0 = no edit)."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where the edit starts (0 = first step)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where the edit stops (1 = last step)."),
-                io.Boolean.Input("cond_only", default=True,
-                                 tooltip="Edit only the conditional (positive) half of a CFG batch, as "
-                                         "DiffLens does; the unconditional prediction stays exact."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Mixed with the sampler's seed to draw each image's class: the same "
-                                     "sampler seed reproduces the image, a new one redraws the classes."),
+                FeaturesType.Input(
+                    "features",
+                    tooltip="Bias features found on that SAE (Load Bias Features "
+                    "or Attribute Bias Features).",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default="balance",
+                    tooltip="balance: each image gets a class so the batch follows the target; "
+                    "push: every image gets the one class named in target; suppress: the "
+                    "features of all classes are removed (target and strength unused).",
+                ),
+                io.String.Input(
+                    "target",
+                    default="",
+                    tooltip="Target distribution over the feature set's classes: '' = uniform, "
+                    "'1,1' in class order, or 'male:0.3,female:0.7'. For push: one class "
+                    "name. Weights >= 0, at least one > 0.",
+                ),
+                io.Combo.Input(
+                    "edit",
+                    options=list(EDITS),
+                    default="add",
+                    tooltip="add: z_j += strength at every position (neutral 0); scale: z_j *= "
+                    "strength where the feature is active (neutral 1).",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=10.0,
+                    min=-STRENGTH_LIMIT,
+                    max=STRENGTH_LIMIT,
+                    step=0.1,
+                    tooltip="Edit strength: add -1000..1000 (neutral 0), scale 0..1000 (neutral 1). "
+                    "A neutral value returns the model unchanged.",
+                ),
+                io.Int.Input(
+                    "top_k",
+                    default=10,
+                    min=0,
+                    max=1000,
+                    tooltip="Features edited per class, best first (0-1000; 0 = no edit).",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Fraction of the schedule where the edit starts (0 = first step).",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Fraction of the schedule where the edit stops (1 = last step).",
+                ),
+                io.Boolean.Input(
+                    "cond_only",
+                    default=True,
+                    tooltip="Edit only the conditional (positive) half of a CFG batch, as "
+                    "DiffLens does; the unconditional prediction stays exact.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Mixed with the sampler's seed to draw each image's class: the same "
+                    "sampler seed reproduces the image, a new one redraws the classes.",
+                ),
             ],
             outputs=[
                 io.Model.Output(tooltip="The patched copy of MODEL (MODEL itself when the edit is neutral)."),
@@ -84,28 +130,64 @@ class ApplyIntervention(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, sae: SaeWire, features, mode: str, target: str, edit: str, strength: float,
-                top_k: int, start_percent: float, end_percent: float, cond_only: bool, seed: int) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        sae: SaeWire,
+        features,
+        mode: str,
+        target: str,
+        edit: str,
+        strength: float,
+        top_k: int,
+        start_percent: float,
+        end_percent: float,
+        cond_only: bool,
+        seed: int,
+    ) -> io.NodeOutput:
         if mode not in MODES or edit not in EDITS:
-            raise ValueError(f"mode must be one of {MODES} and edit one of {EDITS}, got {mode!r} and {edit!r}")
+            raise ValueError(
+                f"mode must be one of {MODES} and edit one of {EDITS}, got {mode!r} and {edit!r}"
+            )
         if edit == "scale" and mode != "suppress" and not 0.0 <= strength <= STRENGTH_LIMIT:
-            raise ValueError(f"strength {strength} is out of range for 'scale': use 0..{STRENGTH_LIMIT:g} "
-                             "(1 = unchanged, 0 = remove the feature, 2 = double it)")
+            raise ValueError(
+                f"strength {strength} is out of range for 'scale': use 0..{STRENGTH_LIMIT:g} "
+                "(1 = unchanged, 0 = remove the feature, 2 = double it)"
+            )
         if start_percent > end_percent:
-            raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}: the edit "
-                             "window would be empty; make start_percent <= end_percent")
+            raise ValueError(
+                f"start_percent {start_percent} is after end_percent {end_percent}: the edit "
+                "window would be empty; make start_percent <= end_percent"
+            )
         features.check_matches(sae.sae)
         hook = parse_hook(sae.sae.hook)
         check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
         if not hook.is_unet and sae.sae.kernel_size != 1:
-            raise ValueError(f"a {sae.sae.kernel_size}x{sae.sae.kernel_size}-kernel SAE codes spatial maps; "
-                             f"DiT hook {hook.name!r} needs a per-token SAE (kernel 1)")
-        weights = parse_target(target, features.classes) if mode == "balance" else (1.0,) * features.num_classes
+            raise ValueError(
+                f"a {sae.sae.kernel_size}x{sae.sae.kernel_size}-kernel SAE codes spatial maps; "
+                f"DiT hook {hook.name!r} needs a per-token SAE (kernel 1)"
+            )
+        weights = (
+            parse_target(target, features.classes) if mode == "balance" else (1.0,) * features.num_classes
+        )
         fixed = _fixed_class(mode, target, features.classes)
-        spec = EditSpec(mode="ablate", top_k=top_k) if mode == "suppress" else \
-            EditSpec(mode=edit, strength=float(strength), top_k=top_k)
+        spec = (
+            EditSpec(mode="ablate", top_k=top_k)
+            if mode == "suppress"
+            else EditSpec(mode=edit, strength=float(strength), top_k=top_k)
+        )
         if spec.is_identity:
             return io.NodeOutput(model)
-        patched = add_intervention(model, hook, sae.sae, features, spec, weights=weights, fixed=fixed, seed=seed,
-                                   window=(start_percent, end_percent), cond_only=cond_only)
+        patched = add_intervention(
+            model,
+            hook,
+            sae.sae,
+            features,
+            spec,
+            weights=weights,
+            fixed=fixed,
+            seed=seed,
+            window=(start_percent, end_percent),
+            cond_only=cond_only,
+        )
         return io.NodeOutput(patched)

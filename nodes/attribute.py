@@ -36,8 +36,9 @@ def as_map(activations: torch.Tensor) -> torch.Tensor:
 def autograd_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
     """A copy of ``sae`` made outside inference mode (a node's inputs are inference tensors)."""
     weights = (getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    return SparseAutoencoder.from_weights(*weights, sae.k, hook=sae.hook, model_family=sae.model_family,
-                                          provenance=sae.provenance)
+    return SparseAutoencoder.from_weights(
+        *weights, sae.k, hook=sae.hook, model_family=sae.model_family, provenance=sae.provenance
+    )
 
 
 class AttributeFeatures(io.ComfyNode):
@@ -57,46 +58,117 @@ class AttributeFeatures(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the SAE was trained on."),
                 io.Clip.Input("clip", tooltip="Its text encoder."),
-                SaeType.Input("sae", tooltip="The SAE whose features are ranked (its hook is where activations are "
-                                             "recorded)."),
-                io.String.Input("class_prompts", multiline=True,
-                                default="a photo of a male person\na photo of a female person",
-                                tooltip="One prompt per class, one per line (at least 2). Class names are the words "
-                                        "that differ, or write 'name: prompt'."),
-                io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="Negative prompt for every image (may be empty)."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
-                io.Int.Input("samples", default=32, min=2, max=10000,
-                             tooltip="Images per class (>= 2); sample j of every class shares its noise."),
+                SaeType.Input(
+                    "sae",
+                    tooltip="The SAE whose features are ranked (its hook is where activations are recorded).",
+                ),
+                io.String.Input(
+                    "class_prompts",
+                    multiline=True,
+                    default="a photo of a male person\na photo of a female person",
+                    tooltip="One prompt per class, one per line (at least 2). Class names are the words "
+                    "that differ, or write 'name: prompt'.",
+                ),
+                io.String.Input(
+                    "negative_prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="Negative prompt for every image (may be empty).",
+                ),
+                io.Int.Input(
+                    "width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."
+                ),
+                io.Int.Input(
+                    "height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."
+                ),
+                io.Int.Input(
+                    "samples",
+                    default=32,
+                    min=2,
+                    max=10000,
+                    tooltip="Images per class (>= 2); sample j of every class shares its noise.",
+                ),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per sampler run."),
                 io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per image."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler, as in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Scheduler, as in KSampler."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Noise seed: run j of every class uses seed + j (paired noise)."),
-                io.Combo.Input("method", options=list(METHODS), default="integrated gradients",
-                               tooltip="integrated gradients: attribution through the per-step probes (DiffLens); "
-                                       "mean difference: fast ranking by the difference of mean activations."),
-                io.Int.Input("top_k", default=30, min=1, max=10000, tooltip="Features kept per class, best first."),
+                io.Float.Input(
+                    "cfg",
+                    default=7.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Classifier-free guidance scale.",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=comfy.samplers.KSampler.SAMPLERS,
+                    default="euler",
+                    tooltip="Sampler, as in KSampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.KSampler.SCHEDULERS,
+                    default="normal",
+                    tooltip="Scheduler, as in KSampler.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Noise seed: run j of every class uses seed + j (paired noise).",
+                ),
+                io.Combo.Input(
+                    "method",
+                    options=list(METHODS),
+                    default="integrated gradients",
+                    tooltip="integrated gradients: attribution through the per-step probes (DiffLens); "
+                    "mean difference: fast ranking by the difference of mean activations.",
+                ),
+                io.Int.Input(
+                    "top_k", default=30, min=1, max=10000, tooltip="Features kept per class, best first."
+                ),
             ],
             outputs=[
-                FeaturesType.Output("features", tooltip="Ranked bias features per class, tied to this SAE."),
-                io.Image.Output("chart", tooltip="Bar chart of the top features' scores per class and the probes' "
-                                                 "accuracy per step."),
-                io.String.Output("probe_accuracy", tooltip="Held-out accuracy of the probe at every sampling step "
-                                                           "(chance = 1 / classes)."),
+                FeaturesType.Output(
+                    "features",
+                    display_name="features",
+                    tooltip="Ranked bias features per class, tied to this SAE.",
+                ),
+                io.Image.Output(
+                    "chart",
+                    display_name="chart",
+                    tooltip="Bar chart of the top features' scores per class and the probes' "
+                    "accuracy per step.",
+                ),
+                io.String.Output(
+                    "probe_accuracy",
+                    display_name="probe_accuracy",
+                    tooltip="Held-out accuracy of the probe at every sampling step (chance = 1 / classes).",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, clip, sae: SaeWire, class_prompts: str, negative_prompt: str, width: int, height: int,
-                samples: int, batch_size: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-                seed: int, method: str, top_k: int) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        clip,
+        sae: SaeWire,
+        class_prompts: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        samples: int,
+        batch_size: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        seed: int,
+        method: str,
+        top_k: int,
+    ) -> io.NodeOutput:
         names, prompts = parse_class_prompts(class_prompts)
         point = parse_hook(sae.sae.hook)
         check_hook(model, point, sae.sae.d_in, sae.sae.model_family)
@@ -107,8 +179,15 @@ class AttributeFeatures(io.ComfyNode):
 
         def sink(captured: Captured) -> None:
             run = current["run"]
-            parts.append(make_batch(as_map(captured.activations).float().cpu(), captured.step, label=run.prompt,
-                                    sample=captured.image + run.first, timestep=captured.sigma))
+            parts.append(
+                make_batch(
+                    as_map(captured.activations).float().cpu(),
+                    captured.step,
+                    label=run.prompt,
+                    sample=captured.image + run.first,
+                    timestep=captured.sigma,
+                )
+            )
 
         recording = add_recorder(model, point, sink)
         negative = encode(clip, negative_prompt)
@@ -116,10 +195,19 @@ class AttributeFeatures(io.ComfyNode):
         for run in runs:
             current["run"] = run
             latent = empty_latent(model, run.batch, width, height)
-            sample(recording, encode(clip, prompts[run.prompt]), negative, latent, run.seed, settings, progress)
-        facts = {"prompts": " | ".join(prompts), "negative_prompt": negative_prompt, "samples": str(samples),
-                 "sampling_steps": str(steps), "cfg": str(cfg), "sampler": f"{sampler_name}/{scheduler}",
-                 "seed": str(seed), "size": f"{width}x{height}"}
+            sample(
+                recording, encode(clip, prompts[run.prompt]), negative, latent, run.seed, settings, progress
+            )
+        facts = {
+            "prompts": " | ".join(prompts),
+            "negative_prompt": negative_prompt,
+            "samples": str(samples),
+            "sampling_steps": str(steps),
+            "cfg": str(cfg),
+            "sampler": f"{sampler_name}/{scheduler}",
+            "seed": str(seed),
+            "size": f"{width}x{height}",
+        }
         with torch.inference_mode(False), torch.enable_grad():  # tensors made here can enter autograd
             source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
             probes = fit_probes(source, ProbeConfig(seed=seed % 2**31))

@@ -21,8 +21,14 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
-def _class_panel(draw: ImageDraw.ImageDraw, top: int, name: str, ids: torch.Tensor, scores: torch.Tensor,
-                 colour: tuple[int, int, int]) -> int:
+def _class_panel(
+    draw: ImageDraw.ImageDraw,
+    top: int,
+    name: str,
+    ids: torch.Tensor,
+    scores: torch.Tensor,
+    colour: tuple[int, int, int],
+) -> int:
     """Horizontal bars of one class's best features; returns the y below the panel."""
     font = _font()
     draw.text((_PAD, top), f"{name}: top {ids.numel()} features (score)", fill=_INK, font=font)
@@ -42,7 +48,12 @@ def _class_panel(draw: ImageDraw.ImageDraw, top: int, name: str, ids: torch.Tens
 def _accuracy_panel(draw: ImageDraw.ImageDraw, top: int, accuracy: Sequence[float]) -> int:
     """A line of probe accuracy (0..1) per sampling step; returns the y below the panel."""
     font = _font()
-    draw.text((_PAD, top), f"probe accuracy per step (mean {sum(accuracy) / len(accuracy):.2f})", fill=_INK, font=font)
+    draw.text(
+        (_PAD, top),
+        f"probe accuracy per step (mean {sum(accuracy) / len(accuracy):.2f})",
+        fill=_INK,
+        font=font,
+    )
     top += _ROW + 2
     height, left, right = 120, _PAD + 30, _WIDTH - _PAD
     for level in (0.0, 0.5, 1.0):
@@ -50,8 +61,10 @@ def _accuracy_panel(draw: ImageDraw.ImageDraw, top: int, accuracy: Sequence[floa
         draw.line((left, y, right, y), fill=_GRID)
         draw.text((_PAD, y - 6), f"{level:.1f}", fill=_INK, font=font)
     steps = max(len(accuracy) - 1, 1)
-    points = [(left + int((right - left) * i / steps), top + int(height * (1 - min(max(a, 0.0), 1.0))))
-              for i, a in enumerate(accuracy)]
+    points = [
+        (left + int((right - left) * i / steps), top + int(height * (1 - min(max(a, 0.0), 1.0))))
+        for i, a in enumerate(accuracy)
+    ]
     if len(points) > 1:
         draw.line(points, fill=_COLOURS[0], width=2)
     for x, y in points:
@@ -69,8 +82,12 @@ def feature_chart(features: FeatureSet, top_k: int, accuracy: Sequence[float] | 
     height += (120 + 3 * _ROW + _PAD) if accuracy else 0
     image = Image.new("RGB", (_WIDTH, height), _BG)
     draw = ImageDraw.Draw(image)
-    draw.text((_PAD, _PAD), f"bias features ({features.method}) at {features.hook}, SAE {features.sae_fingerprint}",
-              fill=_INK, font=_font())
+    draw.text(
+        (_PAD, _PAD),
+        f"bias features ({features.method}) at {features.hook}, SAE {features.sae_fingerprint}",
+        fill=_INK,
+        font=_font(),
+    )
     top = _PAD + _ROW + 4
     for c, (ids, scores) in enumerate(shown):
         top = _class_panel(draw, top, features.classes[c], ids, scores.float(), _COLOURS[c % len(_COLOURS)])

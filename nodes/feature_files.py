@@ -21,19 +21,23 @@ class SaveFeatures(io.ComfyNode):
             display_name="Save Bias Features (DiffBias)",
             category="diffbias/features",
             description="Writes a feature set to <name>.features.safetensors in the folder of the SAE it was "
-                        "found on, so that Load Bias Features lists it. Refuses an SAE the features do not "
-                        "belong to.",
+            "found on, so that Load Bias Features lists it. Refuses an SAE the features do not "
+            "belong to.",
             is_output_node=True,
             inputs=[
-                FeaturesType.Input("features", tooltip="The feature set to save (from Attribute Bias "
-                                                       "Features)."),
+                FeaturesType.Input(
+                    "features", tooltip="The feature set to save (from Attribute Bias Features)."
+                ),
                 SaeType.Input("sae", tooltip="The SAE the features were found on; the file goes beside it."),
-                io.String.Input("file_name", default="bias_features",
-                                tooltip="File name without folder; '.features.safetensors' is appended. An "
-                                        "existing file of that name is replaced."),
+                io.String.Input(
+                    "file_name",
+                    default="bias_features",
+                    tooltip="File name without folder; '.features.safetensors' is appended. An "
+                    "existing file of that name is replaced.",
+                ),
             ],
             outputs=[
-                io.String.Output("path", tooltip="Full path of the written file."),
+                io.String.Output("path", display_name="path", tooltip="Full path of the written file."),
             ],
         )
 
@@ -53,15 +57,26 @@ class LoadFeatures(io.ComfyNode):
             display_name="Load Bias Features (DiffBias)",
             category="diffbias/features",
             description="Loads a feature set (<name>.features.safetensors) saved beside its SAE in "
-                        "ComfyUI/models/sae. Apply Feature Intervention checks that it belongs to the SAE.",
+            "ComfyUI/models/sae. Apply Feature Intervention checks that it belongs to the SAE.",
             inputs=[
-                io.Combo.Input("features_name", options=files.feature_choices(),
-                               tooltip="Feature-set file in ComfyUI/models/sae (saved by Save Bias Features)."),
+                io.Combo.Input(
+                    "features_name",
+                    options=files.feature_choices(),
+                    tooltip="Feature-set file in ComfyUI/models/sae (saved by Save Bias Features).",
+                ),
             ],
             outputs=[
-                FeaturesType.Output("features", tooltip="The feature set: ranked SAE latents per class."),
-                io.String.Output("classes", tooltip="Its class names, comma-separated, in label order (the "
-                                                    "order of a target like '1,1')."),
+                FeaturesType.Output(
+                    "features",
+                    display_name="features",
+                    tooltip="The feature set: ranked SAE latents per class.",
+                ),
+                io.String.Output(
+                    "classes",
+                    display_name="classes",
+                    tooltip="Its class names, comma-separated, in label order (the "
+                    "order of a target like '1,1').",
+                ),
             ],
         )
 
@@ -71,8 +86,10 @@ class LoadFeatures(io.ComfyNode):
         if missing is not None:
             return missing
         if features_name not in files.feature_choices():
-            return (f"feature file {features_name!r} is not in the SAE folders {files.sae_folders()}; pick a "
-                    "listed file or save one with Save Bias Features")
+            return (
+                f"feature file {features_name!r} is not in the SAE folders {files.sae_folders()}; pick a "
+                "listed file or save one with Save Bias Features"
+            )
         return True
 
     @classmethod
@@ -100,11 +117,18 @@ class PreviewFeatures(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 FeaturesType.Input("features", tooltip="The feature set to show."),
-                io.Int.Input("top_k", default=10, min=1, max=200,
-                             tooltip="Features shown per class (1-200), best first."),
+                io.Int.Input(
+                    "top_k",
+                    default=10,
+                    min=1,
+                    max=200,
+                    tooltip="Features shown per class (1-200), best first.",
+                ),
             ],
             outputs=[
-                io.Image.Output("chart", tooltip="Bar chart of the top features' scores per class."),
+                io.Image.Output(
+                    "chart", display_name="chart", tooltip="Bar chart of the top features' scores per class."
+                ),
             ],
         )
 

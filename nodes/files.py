@@ -23,7 +23,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
 
 def register_folder() -> None:
     """Register ``models/sae`` (first) for ``.safetensors`` files; keeps folders other config added."""
-    folder_paths.add_model_folder_path(SAE_FOLDER, os.path.join(folder_paths.models_dir, SAE_FOLDER), is_default=True)
+    folder_paths.add_model_folder_path(
+        SAE_FOLDER, os.path.join(folder_paths.models_dir, SAE_FOLDER), is_default=True
+    )
     paths, extensions = folder_paths.folder_names_and_paths[SAE_FOLDER]
     folder_paths.folder_names_and_paths[SAE_FOLDER] = (paths, set(extensions) | {SAE_SUFFIX})
 
@@ -34,7 +36,11 @@ def sae_folders() -> list[str]:
 
 
 def _entries() -> list[str]:
-    return folder_paths.get_filename_list(SAE_FOLDER) if SAE_FOLDER in folder_paths.folder_names_and_paths else []
+    return (
+        folder_paths.get_filename_list(SAE_FOLDER)
+        if SAE_FOLDER in folder_paths.folder_names_and_paths
+        else []
+    )
 
 
 def sae_choices() -> list[str]:
@@ -53,8 +59,10 @@ def missing_folder_message() -> str | None:
     if any(os.path.isdir(folder) for folder in folders):
         return None
     where = folders[0] if folders else os.path.join(folder_paths.models_dir, SAE_FOLDER)
-    return (f"the SAE folder {where} does not exist: create it and put SAE files (.safetensors, or a "
-            "published SAE folder with its cfg.json) in it, or train one with 'Train Bias SAE (DiffBias)'")
+    return (
+        f"the SAE folder {where} does not exist: create it and put SAE files (.safetensors, or a "
+        "published SAE folder with its cfg.json) in it, or train one with 'Train Bias SAE (DiffBias)'"
+    )
 
 
 def resolve(name: str, what: str = "SAE") -> str:

@@ -26,21 +26,39 @@ class LoadSAE(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input(
-                    "sae_name", options=files.sae_choices(),
+                    "sae_name",
+                    options=files.sae_choices(),
                     tooltip="SAE file in ComfyUI/models/sae (subfolders included). A published layout is "
-                            "listed by its weight file and loads its whole folder.",
+                    "listed by its weight file and loads its whole folder.",
                 ),
             ],
             outputs=[
-                SaeType.Output("sae", tooltip="The SAE, for Attribute Bias Features and Apply Feature "
-                                              "Intervention."),
-                io.Int.Output("width", tooltip="Channel width of the hooked activation (d_in), e.g. 1280 for "
-                                               "the SD1.5 bottleneck."),
-                io.Int.Output("latents", tooltip="Number of SAE latents (dictionary size)."),
-                io.Int.Output("k", tooltip="Active latents per code (TopK)."),
-                io.String.Output("hook", tooltip="Hook point the SAE reads, e.g. unet.middle or dit.double.7."),
-                io.String.Output("family", tooltip="Model family the SAE was trained on (sd15, sdxl, flux, "
-                                                   "...; unknown for most imported files)."),
+                SaeType.Output(
+                    "sae",
+                    display_name="sae",
+                    tooltip="The SAE, for Attribute Bias Features and Apply Feature Intervention.",
+                ),
+                io.Int.Output(
+                    "width",
+                    display_name="width",
+                    tooltip="Channel width of the hooked activation (d_in), e.g. 1280 for "
+                    "the SD1.5 bottleneck.",
+                ),
+                io.Int.Output(
+                    "latents", display_name="latents", tooltip="Number of SAE latents (dictionary size)."
+                ),
+                io.Int.Output("k", display_name="k", tooltip="Active latents per code (TopK)."),
+                io.String.Output(
+                    "hook",
+                    display_name="hook",
+                    tooltip="Hook point the SAE reads, e.g. unet.middle or dit.double.7.",
+                ),
+                io.String.Output(
+                    "family",
+                    display_name="family",
+                    tooltip="Model family the SAE was trained on (sd15, sdxl, flux, "
+                    "...; unknown for most imported files).",
+                ),
             ],
         )
 
@@ -66,5 +84,12 @@ class LoadSAE(io.ComfyNode):
         path = files.resolve(sae_name)
         sae = load_sae(path)
         text = f"{sae_name}: {describe_sae(sae)}"
-        return io.NodeOutput(SaeWire(sae, path), sae.d_in, sae.num_latents, sae.k, sae.hook, sae.model_family,
-                             ui=ui.PreviewText(text))
+        return io.NodeOutput(
+            SaeWire(sae, path),
+            sae.d_in,
+            sae.num_latents,
+            sae.k,
+            sae.hook,
+            sae.model_family,
+            ui=ui.PreviewText(text),
+        )

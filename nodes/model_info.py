@@ -16,18 +16,33 @@ Stage = Literal["middle", "input", "output", "double", "single"]
 
 # model_config class name (or a base class name) -> family name recorded in SAE files.
 _FAMILIES = {
-    "SD15": "sd15", "SD20": "sd2", "SDXLRefiner": "sdxl_refiner", "SDXL": "sdxl", "SD3": "sd3",
-    "Flux": "flux", "Chroma": "chroma", "HunyuanVideo": "hunyuan_video", "LTXV": "ltxv",
-    "WAN21_T2V": "wan", "QwenImage": "qwen_image", "AuraFlow": "auraflow", "HiDream": "hidream",
-    "Lumina2": "lumina2", "PixArtAlpha": "pixart", "CosmosT2V": "cosmos", "CosmosT2IPredict2": "cosmos",
+    "SD15": "sd15",
+    "SD20": "sd2",
+    "SDXLRefiner": "sdxl_refiner",
+    "SDXL": "sdxl",
+    "SD3": "sd3",
+    "Flux": "flux",
+    "Chroma": "chroma",
+    "HunyuanVideo": "hunyuan_video",
+    "LTXV": "ltxv",
+    "WAN21_T2V": "wan",
+    "QwenImage": "qwen_image",
+    "AuraFlow": "auraflow",
+    "HiDream": "hidream",
+    "Lumina2": "lumina2",
+    "PixArtAlpha": "pixart",
+    "CosmosT2V": "cosmos",
+    "CosmosT2IPredict2": "cosmos",
 }
 # Families whose diffusion model offers ("single_block", i) replace patches (text tokens first).
 _SINGLE_BLOCK_FAMILIES = frozenset({"flux", "chroma"})
 # Attribute names of the block list that ("double_block", i) patches index, per DiT implementation.
 _DOUBLE_BLOCK_LISTS = ("double_blocks", "joint_blocks", "transformer_blocks", "blocks")
 _DIT_WIDTH_ATTRS = ("hidden_size", "inner_dim", "dim")
-_HOOK_RE = re.compile(r"^(?:unet\.(?P<mid>middle)|unet\.(?P<unet>input|output)\.(?P<ui>\d+)"
-                      r"|dit\.(?P<dit>double|single)\.(?P<di>\d+))$")
+_HOOK_RE = re.compile(
+    r"^(?:unet\.(?P<mid>middle)|unet\.(?P<unet>input|output)\.(?P<ui>\d+)"
+    r"|dit\.(?P<dit>double|single)\.(?P<di>\d+))$"
+)
 
 
 class HookPoint(NamedTuple):
@@ -149,17 +164,32 @@ def hook_width(model, hook: HookPoint) -> int | None:
     return None
 
 
-def check_hook(model, hook: HookPoint, sae_width: int | None = None, sae_family: str | None = None) -> ModelInfo:
+def compact_hooks(hooks: tuple[str, ...]) -> str:
+    """``unet.input.0-11, unet.middle, unet.output.0-10``: hook names with numbered runs folded."""
+    groups: dict[str, list[int]] = {}
+    for name in hooks:
+        prefix, _, number = name.rpartition(".")
+        if number.isdigit():
+            groups.setdefault(prefix, []).append(int(number))
+        else:
+            groups.setdefault(name, [])
+    return ", ".join(
+        f"{prefix}.{min(numbers)}-{max(numbers)}" if numbers else prefix for prefix, numbers in groups.items()
+    )
+
+
+def check_hook(
+    model, hook: HookPoint, sae_width: int | None = None, sae_family: str | None = None
+) -> ModelInfo:
     """Raise ValueError (saying what to change) unless ``hook`` exists on ``model`` with ``sae_width``.
 
     ``sae_family``: the family an SAE was trained on; "unknown"/None/"" skip the family check.
     """
     info = describe(model)
     if hook.name not in info.hooks:
-        listed = ", ".join(info.hooks[:6]) + (", ..." if len(info.hooks) > 6 else "")
         raise ValueError(
             f"hook point {hook.name!r} does not exist on this {info.family} model ({info.architecture}); "
-            f"it has: {listed or 'none (this model family has no supported hook points)'}. "
+            f"it has: {compact_hooks(info.hooks) or 'none (this model family has no supported hook points)'}. "
             "Use an SAE trained on this model, or pick one of these hook points when training."
         )
     if sae_family and sae_family not in ("unknown", info.family):

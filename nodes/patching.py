@@ -149,7 +149,9 @@ def install(model, hook: HookPoint, fn: HookFn) -> None:
         model.set_model_output_block_patch(_UNetOutputPatch(hook.index + 1, fn))
     else:
         block = ("double_block" if hook.stage == "double" else "single_block", hook.index)
-        previous = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(block)
+        previous = (
+            model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(block)
+        )
         patch = _DitBlockPatch(hook.stage == "single", fn, previous)
         model.set_model_patch_replace(patch, "dit", block[0], block[1])
         wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
@@ -204,14 +206,22 @@ class Recorder(_SharedPatch):
     def __call__(self, h: Tensor, transformer_options: dict) -> Tensor:
         kinds = chunk_kinds(transformer_options)
         per = h.shape[0] // len(kinds)
-        rows = [i * per + j for i, kind in enumerate(kinds) if kind == 0 or not self.cond_only for j in range(per)]
+        rows = [
+            i * per + j for i, kind in enumerate(kinds) if kind == 0 or not self.cond_only for j in range(per)
+        ]
         if not rows:
             return h
         sigmas = row_sigmas(transformer_options, h.shape[0])
         sigma = sigmas[rows[0]] if sigmas is not None else torch.zeros(())
         index = torch.tensor(rows, device=h.device)
-        self.sink(Captured(h.detach().index_select(0, index), index.cpu() % per,
-                           step_index(transformer_options, sigma), float(sigma)))
+        self.sink(
+            Captured(
+                h.detach().index_select(0, index),
+                index.cpu() % per,
+                step_index(transformer_options, sigma),
+                float(sigma),
+            )
+        )
         return h
 
 
@@ -265,8 +275,9 @@ def _sae_on(sae: SparseAutoencoder, device: torch.device, dtype: torch.dtype) ->
     if sae.device == device and sae.dtype == dtype:
         return sae
     weights = (getattr(sae, name).detach().to(device=device, dtype=dtype) for name in _SAE_WEIGHTS)
-    return SparseAutoencoder.from_weights(*weights, sae.k, hook=sae.hook, model_family=sae.model_family,
-                                          provenance=sae.provenance)
+    return SparseAutoencoder.from_weights(
+        *weights, sae.k, hook=sae.hook, model_family=sae.model_family, provenance=sae.provenance
+    )
 
 
 class FeatureEdit(_SharedPatch):
@@ -276,8 +287,16 @@ class FeatureEdit(_SharedPatch):
     ``state_key``; unconditional rows (``cond_only``) and rows outside the sigma window are left bit for bit.
     """
 
-    def __init__(self, sae, features, spec: EditSpec, state_key: str, plan: ClassPlan,
-                 cond_only: bool = True, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        sae,
+        features,
+        spec: EditSpec,
+        state_key: str,
+        plan: ClassPlan,
+        cond_only: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         self.sae = sae
         self.features = features
         self.spec = spec
@@ -333,8 +352,18 @@ class InterventionWrapper:
         self.start_percent = start_percent
         self.end_percent = end_percent
 
-    def __call__(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
-                 disable_pbar=False, seed=None):
+    def __call__(
+        self,
+        executor,
+        noise,
+        latent_image,
+        sampler,
+        sigmas,
+        denoise_mask=None,
+        callback=None,
+        disable_pbar=False,
+        seed=None,
+    ):
         guider = executor.class_obj
         sampling = guider.model_patcher.get_model_object("model_sampling")
         state = RunState(
@@ -357,8 +386,19 @@ def intervention_count(model) -> int:
     return sum(1 for key in keys if isinstance(key, str) and key.startswith(INTERVENTION_KEY))
 
 
-def add_intervention(model, hook: HookPoint, sae, features, spec: EditSpec, *, weights: Sequence[float],
-                     fixed: int | None, seed: int, window: tuple[float, float], cond_only: bool):
+def add_intervention(
+    model,
+    hook: HookPoint,
+    sae,
+    features,
+    spec: EditSpec,
+    *,
+    weights: Sequence[float],
+    fixed: int | None,
+    seed: int,
+    window: tuple[float, float],
+    cond_only: bool,
+):
     """A clone of ``model`` with the feature intervention installed at ``hook`` (``model`` is unchanged).
 
     window: (start_percent, end_percent) of the schedule in which the edit acts.
@@ -368,8 +408,11 @@ def add_intervention(model, hook: HookPoint, sae, features, spec: EditSpec, *, w
     key = f"{INTERVENTION_KEY}_{ordinal}"
     plan = ClassPlan(tuple(weights), fixed, int(seed), f"{ordinal}:{','.join(features.classes)}")
     install(clone, hook, FeatureEdit(sae, features, spec, key, plan, cond_only=cond_only))
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key,
-                               InterventionWrapper(key, plan, window[0], window[1]))
+    clone.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
+        key,
+        InterventionWrapper(key, plan, window[0], window[1]),
+    )
     return clone
 
 

@@ -46,7 +46,7 @@ def class_prompts(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         tail = 0
         while all(len(w) > head + tail for w in words) and len({w[-1 - tail] for w in words}) == 1:
             tail += 1
-        names = [" ".join(w[head:len(w) - tail]) for w in words]
+        names = [" ".join(w[head : len(w) - tail]) for w in words]
         prompts = lines
     names = [name.replace(",", " ").strip() for name in names]
     if len(set(names)) != len(names) or not all(names):
@@ -86,8 +86,16 @@ class RunSettings(NamedTuple):
     """One of ``comfy.samplers.KSampler.SCHEDULERS``."""
 
 
-def sample(model, positive: list, negative: list, latent: Tensor, seed: int, settings: RunSettings,
-           progress: comfy.utils.ProgressBar | None = None, on_step: Callable[[int], None] | None = None) -> Tensor:
+def sample(
+    model,
+    positive: list,
+    negative: list,
+    latent: Tensor,
+    seed: int,
+    settings: RunSettings,
+    progress: comfy.utils.ProgressBar | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Tensor:
     """Sample ``latent`` (B, C, h, w) from ``seed``; returns the denoised latent (B, C, h, w).
 
     ``progress`` advances by one per step; the user's cancel is checked at every step.
@@ -103,8 +111,18 @@ def sample(model, positive: list, negative: list, latent: Tensor, seed: int, set
 
     comfy.model_management.throw_exception_if_processing_interrupted()
     return comfy.sample.sample(
-        model, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
-        positive, negative, latent, callback=callback, disable_pbar=True, seed=seed,
+        model,
+        noise,
+        settings.steps,
+        settings.cfg,
+        settings.sampler_name,
+        settings.scheduler,
+        positive,
+        negative,
+        latent,
+        callback=callback,
+        disable_pbar=True,
+        seed=seed,
     )
 
 

@@ -53,46 +53,125 @@ class TrainSAE(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to dissect."),
                 io.Clip.Input("clip", tooltip="Its text encoder."),
-                io.String.Input("prompts", multiline=True,
-                                default="a photo of a person\na photo of a doctor\na photo of a firefighter",
-                                tooltip="Prompts to sample, one per line; images cycle through them."),
-                io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="Negative prompt for every image (may be empty)."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="a photo of a person\na photo of a doctor\na photo of a firefighter",
+                    tooltip="Prompts to sample, one per line; images cycle through them.",
+                ),
+                io.String.Input(
+                    "negative_prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="Negative prompt for every image (may be empty).",
+                ),
+                io.Int.Input(
+                    "width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."
+                ),
+                io.Int.Input(
+                    "height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."
+                ),
                 io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per image."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Classifier-free guidance scale (1 = no negative pass)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler, as in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Scheduler, as in KSampler."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Noise seed of the first run (run i uses seed + i); also seeds the SAE."),
-                io.Int.Input("images", default=64, min=1, max=100000,
-                             tooltip="Number of images to sample in all (more images, better SAE)."),
-                io.Int.Input("batch_size", default=4, min=1, max=256,
-                             tooltip="Images per sampler run (memory vs speed)."),
-                io.String.Input("hook", default="unet.middle",
-                                tooltip="Hook point: unet.middle (h-space), unet.input.N, unet.output.N, "
-                                        "dit.double.N, dit.single.N."),
-                io.Int.Input("latents", default=5120, min=16, max=1048576,
-                             tooltip="SAE dictionary size (e.g. 4x the width: 5120 for 1280 channels)."),
-                io.Int.Input("k", default=32, min=1, max=4096, tooltip="Active latents per code (TopK), <= latents."),
-                io.String.Input("file_name", default="my_sae",
-                                tooltip="File name in ComfyUI/models/sae ('.safetensors' appended); an existing "
-                                        "file of that name is replaced."),
+                io.Float.Input(
+                    "cfg",
+                    default=7.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Classifier-free guidance scale (1 = no negative pass).",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=comfy.samplers.KSampler.SAMPLERS,
+                    default="euler",
+                    tooltip="Sampler, as in KSampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.KSampler.SCHEDULERS,
+                    default="normal",
+                    tooltip="Scheduler, as in KSampler.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Noise seed of the first run (run i uses seed + i); also seeds the SAE.",
+                ),
+                io.Int.Input(
+                    "images",
+                    default=64,
+                    min=1,
+                    max=100000,
+                    tooltip="Number of images to sample in all (more images, better SAE).",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=4,
+                    min=1,
+                    max=256,
+                    tooltip="Images per sampler run (memory vs speed).",
+                ),
+                io.String.Input(
+                    "hook",
+                    default="unet.middle",
+                    tooltip="Hook point: unet.middle (h-space), unet.input.N, unet.output.N, "
+                    "dit.double.N, dit.single.N.",
+                ),
+                io.Int.Input(
+                    "latents",
+                    default=5120,
+                    min=16,
+                    max=1048576,
+                    tooltip="SAE dictionary size (e.g. 4x the width: 5120 for 1280 channels).",
+                ),
+                io.Int.Input(
+                    "k", default=32, min=1, max=4096, tooltip="Active latents per code (TopK), <= latents."
+                ),
+                io.String.Input(
+                    "file_name",
+                    default="my_sae",
+                    tooltip="File name in ComfyUI/models/sae ('.safetensors' appended); an existing "
+                    "file of that name is replaced.",
+                ),
             ],
             outputs=[
-                SaeType.Output("sae", tooltip="The trained SAE (best weights), also saved to models/sae."),
-                io.String.Output("report", tooltip="Training summary: rows seen, steps, FVU, dead latents, file."),
+                SaeType.Output(
+                    "sae",
+                    display_name="sae",
+                    tooltip="The trained SAE (best weights), also saved to models/sae.",
+                ),
+                io.String.Output(
+                    "report",
+                    display_name="report",
+                    tooltip="Training summary: rows seen, steps, FVU, dead latents, file.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, clip, prompts: str, negative_prompt: str, width: int, height: int, steps: int,
-                cfg: float, sampler_name: str, scheduler: str, seed: int, images: int, batch_size: int, hook: str,
-                latents: int, k: int, file_name: str) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        clip,
+        prompts: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        seed: int,
+        images: int,
+        batch_size: int,
+        hook: str,
+        latents: int,
+        k: int,
+        file_name: str,
+    ) -> io.NodeOutput:
         lines = prompt_lines(prompts, "prompts")
         if k > latents:
             raise ValueError(f"k ({k}) must be <= latents ({latents}): lower k or raise latents")
@@ -109,8 +188,9 @@ class TrainSAE(io.ComfyNode):
                     x = captured.activations  # (n, C, H, W) map or (n, T, C) tokens
                     per_image = x.shape[2] * x.shape[3] if x.ndim == 4 else x.shape[1]
                     config = train_config(latents, k, per_image * images * steps, seed)
-                    state["trainer"] = SaeTrainer(config, rows.shape[1], hook=point.name, model_family=info.family,
-                                                  device=rows.device)
+                    state["trainer"] = SaeTrainer(
+                        config, rows.shape[1], hook=point.name, model_family=info.family, device=rows.device
+                    )
                 state["trainer"].feed(rows)
 
         recording = add_recorder(model, point, sink)
@@ -127,17 +207,24 @@ class TrainSAE(io.ComfyNode):
             if trainer is not None and trainer.stats.step > 0:
                 trainer.request_stop()
                 trainer.save(path)
-                logger.warning("diffbias: training cancelled after %d steps; saved the best weights to %s",
-                               trainer.stats.step, path)
+                logger.warning(
+                    "diffbias: training cancelled after %d steps; saved the best weights to %s",
+                    trainer.stats.step,
+                    path,
+                )
             raise
         if "trainer" not in state:
-            raise RuntimeError(f"no activation reached hook {point.name!r} while sampling; is the model "
-                               f"patched by another node that skips this block?")
+            raise RuntimeError(
+                f"no activation reached hook {point.name!r} while sampling; is the model "
+                f"patched by another node that skips this block?"
+            )
         trainer = state["trainer"]
         with torch.inference_mode(False), torch.enable_grad():
             stats = trainer.finish()
         trainer.save(path)
         sae = load_sae(path)
-        report = (f"{files.display_name(path)}: {describe_sae(sae)}; {stats.rows} rows, {stats.step} steps, "
-                  f"FVU {stats.fvu:.3f} (best {stats.best_fvu:.3f}), dead latents {stats.dead_fraction:.1%}")
+        report = (
+            f"{files.display_name(path)}: {describe_sae(sae)}; {stats.rows} rows, {stats.step} steps, "
+            f"FVU {stats.fvu:.3f} (best {stats.best_fvu:.3f}), dead latents {stats.dead_fraction:.1%}"
+        )
         return io.NodeOutput(SaeWire(sae, path), report, ui=ui.PreviewText(report))

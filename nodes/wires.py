@@ -29,8 +29,10 @@ class SaeWire(NamedTuple):
 def describe_sae(sae: SparseAutoencoder) -> str:
     """One line: width, latents, k, kernel, hook and family."""
     kernel = f", kernel {sae.kernel_size}x{sae.kernel_size}" if sae.kernel_size > 1 else ""
-    return (f"width {sae.d_in}, {sae.num_latents} latents, k {sae.k}{kernel}, hook {sae.hook}, "
-            f"family {sae.model_family}")
+    return (
+        f"width {sae.d_in}, {sae.num_latents} latents, k {sae.k}{kernel}, hook {sae.hook}, "
+        f"family {sae.model_family}"
+    )
 
 
 __all__ = ["FeaturesType", "SaeType", "SaeWire", "describe_sae"]

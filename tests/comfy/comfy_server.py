@@ -44,9 +44,23 @@ class ComfyServer:
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--disable-auto-launch", "--dont-print-server"],
-            cwd=comfyui, env=comfy_env(comfyui), stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(base),
+                "--disable-auto-launch",
+                "--dont-print-server",
+            ],
+            cwd=comfyui,
+            env=comfy_env(comfyui),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def log_text(self) -> str:
@@ -56,7 +70,9 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
                 self.get("/system_stats")
                 return
@@ -69,8 +85,9 @@ class ComfyServer:
             return json.loads(response.read())
 
     def post(self, path: str, payload: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read())

@@ -48,7 +48,9 @@ def comfyui() -> str:
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    folder = Path(os.environ.get("COMFYUI_TEST_CACHE") or Path(tempfile.gettempdir()) / "diffbias_comfy_cache")
+    folder = Path(
+        os.environ.get("COMFYUI_TEST_CACHE") or Path(tempfile.gettempdir()) / "diffbias_comfy_cache"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -58,17 +60,30 @@ def sd15_checkpoint(comfyui, cache_dir) -> Path:
     """A random-weight SD1.5-architecture checkpoint written by comfy.sd.save_checkpoint (cached)."""
     path = cache_dir / CHECKPOINT
     if not path.is_file():
-        subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), str(path)], cwd=comfyui,
-                       env=comfy_env(comfyui), check=True, timeout=900)
+        subprocess.run(
+            [sys.executable, str(HERE / "make_checkpoint.py"), str(path)],
+            cwd=comfyui,
+            env=comfy_env(comfyui),
+            check=True,
+            timeout=900,
+        )
     return path
 
 
 def run_comfy_script(comfyui: str, script: str, *args: str, timeout: float = 900) -> str:
     """Run a script of this folder in a ComfyUI process; returns its stdout (raises with its output)."""
-    result = subprocess.run([sys.executable, str(HERE / script), *args], cwd=comfyui, env=comfy_env(comfyui),
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(HERE / script), *args],
+        cwd=comfyui,
+        env=comfy_env(comfyui),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result.stdout
 
 

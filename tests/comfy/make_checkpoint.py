@@ -44,12 +44,25 @@ def build(path: str, seed: int) -> None:
 
     generator = torch.Generator().manual_seed(seed)
     unet_config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": torch.float16,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": torch.float16,
     }
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.set_inference_dtype(torch.float16, None)
@@ -62,8 +75,18 @@ def build(path: str, seed: int) -> None:
     clip = comfy.sd.CLIP(clip_target, model_options={"dtype": torch.float16})
     randomize_(clip.cond_stage_model, generator)
 
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     autoencoder = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     randomize_(autoencoder, generator)
     vae = comfy.sd.VAE(sd={k: v.half() for k, v in autoencoder.state_dict().items()})

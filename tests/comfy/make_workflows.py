@@ -21,25 +21,65 @@ PROMPT = "a photo of the face of a firefighter"
 NEGATIVE = "blurry, lowres"
 
 
-def sampling_tail(first_id: int, model: tuple[int, str], clip: tuple[int, str], vae: tuple[int, str],
-                  x: int, batch: int = 4, prefix: str = "diffbias") -> list[dict]:
+def sampling_tail(
+    first_id: int,
+    model: tuple[int, str],
+    clip: tuple[int, str],
+    vae: tuple[int, str],
+    x: int,
+    batch: int = 4,
+    prefix: str = "diffbias",
+) -> list[dict]:
     """Prompt encoders, empty latent, KSampler, VAE decode and save, from ``first_id`` on."""
     pos, neg, latent, sampler, decode, save = range(first_id, first_id + 6)
     return [
-        {"id": pos, "type": "CLIPTextEncode", "pos": (x, 40), "title": "Positive prompt",
-         "widgets": {"text": PROMPT}, "links": {"clip": clip}},
-        {"id": neg, "type": "CLIPTextEncode", "pos": (x, 260), "title": "Negative prompt",
-         "widgets": {"text": NEGATIVE}, "links": {"clip": clip}},
-        {"id": latent, "type": "EmptyLatentImage", "pos": (x, 480),
-         "widgets": {"width": 512, "height": 512, "batch_size": batch}},
-        {"id": sampler, "type": "KSampler", "pos": (x + 380, 40),
-         "widgets": {"seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"},
-         "links": {"model": model, "positive": (pos, "CONDITIONING"), "negative": (neg, "CONDITIONING"),
-                   "latent_image": (latent, "LATENT")}},
-        {"id": decode, "type": "VAEDecode", "pos": (x + 760, 40),
-         "links": {"samples": (sampler, "LATENT"), "vae": vae}},
-        {"id": save, "type": "SaveImage", "pos": (x + 760, 160), "widgets": {"filename_prefix": prefix},
-         "links": {"images": (decode, "IMAGE")}},
+        {
+            "id": pos,
+            "type": "CLIPTextEncode",
+            "pos": (x, 40),
+            "title": "Positive prompt",
+            "widgets": {"text": PROMPT},
+            "links": {"clip": clip},
+        },
+        {
+            "id": neg,
+            "type": "CLIPTextEncode",
+            "pos": (x, 260),
+            "title": "Negative prompt",
+            "widgets": {"text": NEGATIVE},
+            "links": {"clip": clip},
+        },
+        {
+            "id": latent,
+            "type": "EmptyLatentImage",
+            "pos": (x, 480),
+            "widgets": {"width": 512, "height": 512, "batch_size": batch},
+        },
+        {
+            "id": sampler,
+            "type": "KSampler",
+            "pos": (x + 380, 40),
+            "widgets": {"seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"},
+            "links": {
+                "model": model,
+                "positive": (pos, "CONDITIONING"),
+                "negative": (neg, "CONDITIONING"),
+                "latent_image": (latent, "LATENT"),
+            },
+        },
+        {
+            "id": decode,
+            "type": "VAEDecode",
+            "pos": (x + 760, 40),
+            "links": {"samples": (sampler, "LATENT"), "vae": vae},
+        },
+        {
+            "id": save,
+            "type": "SaveImage",
+            "pos": (x + 760, 160),
+            "widgets": {"filename_prefix": prefix},
+            "links": {"images": (decode, "IMAGE")},
+        },
     ]
 
 
@@ -47,11 +87,20 @@ def debiased_txt2img() -> list[dict]:
     return [
         {"id": 1, "type": "CheckpointLoaderSimple", "pos": (40, 40), "widgets": {"ckpt_name": CKPT}},
         {"id": 2, "type": "DiffBiasLoadSAE", "pos": (40, 220), "widgets": {"sae_name": SAE}},
-        {"id": 3, "type": "DiffBiasLoadFeatures", "pos": (40, 420),
-         "widgets": {"features_name": "sd15_hspace.gender.features.safetensors"}},
-        {"id": 4, "type": "DiffBiasApplyIntervention", "pos": (420, 40), "size": (340, 420),
-         "widgets": {"mode": "balance", "target": "1,1", "edit": "add", "strength": 10.0, "top_k": 10},
-         "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")}},
+        {
+            "id": 3,
+            "type": "DiffBiasLoadFeatures",
+            "pos": (40, 420),
+            "widgets": {"features_name": "sd15_hspace.gender.features.safetensors"},
+        },
+        {
+            "id": 4,
+            "type": "DiffBiasApplyIntervention",
+            "pos": (420, 40),
+            "size": (340, 420),
+            "widgets": {"mode": "balance", "target": "1,1", "edit": "add", "strength": 10.0, "top_k": 10},
+            "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")},
+        },
         *sampling_tail(5, (4, "MODEL"), (1, "CLIP"), (1, "VAE"), 800, prefix="diffbias_balanced"),
     ]
 
@@ -59,24 +108,63 @@ def debiased_txt2img() -> list[dict]:
 def dissect_from_scratch() -> list[dict]:
     return [
         {"id": 1, "type": "CheckpointLoaderSimple", "pos": (40, 40), "widgets": {"ckpt_name": CKPT}},
-        {"id": 2, "type": "DiffBiasTrainSAE", "pos": (40, 220), "size": (360, 560),
-         "widgets": {"prompts": "a photo of a person\na photo of a doctor\na photo of a firefighter\n"
-                                "a photo of a nurse\na photo of a teacher",
-                     "negative_prompt": NEGATIVE, "images": 256, "batch_size": 4, "steps": 30,
-                     "hook": "unet.middle", "latents": 5120, "k": 32, "file_name": "sd15_hspace_trained"},
-         "links": {"model": (1, "MODEL"), "clip": (1, "CLIP")}},
-        {"id": 3, "type": "DiffBiasAttributeFeatures", "pos": (440, 220), "size": (360, 520),
-         "widgets": {"class_prompts": "male: a photo of a male person\nfemale: a photo of a female person",
-                     "negative_prompt": NEGATIVE, "samples": 32, "batch_size": 4, "steps": 30,
-                     "method": "integrated gradients", "top_k": 30},
-         "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "sae": (2, "sae")}},
-        {"id": 4, "type": "DiffBiasSaveFeatures", "pos": (840, 560), "widgets": {"file_name": "gender"},
-         "links": {"features": (3, "features"), "sae": (2, "sae")}},
+        {
+            "id": 2,
+            "type": "DiffBiasTrainSAE",
+            "pos": (40, 220),
+            "size": (360, 560),
+            "widgets": {
+                "prompts": "a photo of a person\na photo of a doctor\na photo of a firefighter\n"
+                "a photo of a nurse\na photo of a teacher",
+                "negative_prompt": NEGATIVE,
+                "images": 256,
+                "batch_size": 4,
+                "steps": 30,
+                "hook": "unet.middle",
+                "latents": 5120,
+                "k": 32,
+                "file_name": "sd15_hspace_trained",
+            },
+            "links": {"model": (1, "MODEL"), "clip": (1, "CLIP")},
+        },
+        {
+            "id": 3,
+            "type": "DiffBiasAttributeFeatures",
+            "pos": (440, 220),
+            "size": (360, 520),
+            "widgets": {
+                "class_prompts": "male: a photo of a male person\nfemale: a photo of a female person",
+                "negative_prompt": NEGATIVE,
+                "samples": 32,
+                "batch_size": 4,
+                "steps": 30,
+                "method": "integrated gradients",
+                "top_k": 30,
+            },
+            "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "sae": (2, "sae")},
+        },
+        {
+            "id": 4,
+            "type": "DiffBiasSaveFeatures",
+            "pos": (840, 560),
+            "widgets": {"file_name": "gender"},
+            "links": {"features": (3, "features"), "sae": (2, "sae")},
+        },
         {"id": 5, "type": "PreviewImage", "pos": (840, 720), "links": {"images": (3, "chart")}},
-        {"id": 6, "type": "DiffBiasApplyIntervention", "pos": (840, 40), "size": (340, 420),
-         "widgets": {"mode": "balance", "target": "male:0.5,female:0.5", "edit": "add", "strength": 10.0,
-                     "top_k": 10},
-         "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")}},
+        {
+            "id": 6,
+            "type": "DiffBiasApplyIntervention",
+            "pos": (840, 40),
+            "size": (340, 420),
+            "widgets": {
+                "mode": "balance",
+                "target": "male:0.5,female:0.5",
+                "edit": "add",
+                "strength": 10.0,
+                "top_k": 10,
+            },
+            "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")},
+        },
         *sampling_tail(7, (6, "MODEL"), (1, "CLIP"), (1, "VAE"), 1220, prefix="diffbias_dissected"),
     ]
 
@@ -85,17 +173,41 @@ def two_attributes() -> list[dict]:
     return [
         {"id": 1, "type": "CheckpointLoaderSimple", "pos": (40, 40), "widgets": {"ckpt_name": CKPT}},
         {"id": 2, "type": "DiffBiasLoadSAE", "pos": (40, 220), "widgets": {"sae_name": SAE}},
-        {"id": 3, "type": "DiffBiasLoadFeatures", "pos": (40, 420), "title": "Gender features",
-         "widgets": {"features_name": "sd15_hspace.gender.features.safetensors"}},
-        {"id": 4, "type": "DiffBiasLoadFeatures", "pos": (40, 560), "title": "Race features",
-         "widgets": {"features_name": "sd15_hspace.race.features.safetensors"}},
-        {"id": 5, "type": "DiffBiasApplyIntervention", "pos": (420, 40), "size": (340, 420), "title": "Gender",
-         "widgets": {"mode": "balance", "target": "1,1", "strength": 10.0, "top_k": 10, "seed": 1},
-         "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")}},
-        {"id": 6, "type": "DiffBiasApplyIntervention", "pos": (420, 500), "size": (340, 420), "title": "Race",
-         "widgets": {"mode": "balance", "target": "1,1,1,1", "strength": 10.0, "top_k": 10, "seed": 2},
-         "links": {"model": (5, "MODEL"), "sae": (2, "sae"), "features": (4, "features")}},
-        *sampling_tail(7, (6, "MODEL"), (1, "CLIP"), (1, "VAE"), 800, batch=8, prefix="diffbias_two_attributes"),
+        {
+            "id": 3,
+            "type": "DiffBiasLoadFeatures",
+            "pos": (40, 420),
+            "title": "Gender features",
+            "widgets": {"features_name": "sd15_hspace.gender.features.safetensors"},
+        },
+        {
+            "id": 4,
+            "type": "DiffBiasLoadFeatures",
+            "pos": (40, 560),
+            "title": "Race features",
+            "widgets": {"features_name": "sd15_hspace.race.features.safetensors"},
+        },
+        {
+            "id": 5,
+            "type": "DiffBiasApplyIntervention",
+            "pos": (420, 40),
+            "size": (340, 420),
+            "title": "Gender",
+            "widgets": {"mode": "balance", "target": "1,1", "strength": 10.0, "top_k": 10, "seed": 1},
+            "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")},
+        },
+        {
+            "id": 6,
+            "type": "DiffBiasApplyIntervention",
+            "pos": (420, 500),
+            "size": (340, 420),
+            "title": "Race",
+            "widgets": {"mode": "balance", "target": "1,1,1,1", "strength": 10.0, "top_k": 10, "seed": 2},
+            "links": {"model": (5, "MODEL"), "sae": (2, "sae"), "features": (4, "features")},
+        },
+        *sampling_tail(
+            7, (6, "MODEL"), (1, "CLIP"), (1, "VAE"), 800, batch=8, prefix="diffbias_two_attributes"
+        ),
     ]
 
 

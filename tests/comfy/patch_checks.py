@@ -36,7 +36,9 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(math.prod(param.shape[1:])))
+                param.copy_(
+                    torch.randn(param.shape, generator=generator) / math.sqrt(math.prod(param.shape[1:]))
+                )
             else:
                 param.copy_(torch.zeros(param.shape) if name.endswith("bias") else torch.ones(param.shape))
 
@@ -48,12 +50,25 @@ def patcher(base) -> comfy.model_patcher.ModelPatcher:
 
 def tiny_unet():
     config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
-        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 2,
-        "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
-        "use_temporal_resblock": False, "dtype": torch.float32,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [1, 1],
+        "transformer_depth": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 2,
+        "transformer_depth_output": [1, 1, 1, 1],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": torch.float32,
     }
     base = comfy.supported_models.SD15(config).get_model({})
     randomize_(base.diffusion_model, 0)
@@ -62,10 +77,22 @@ def tiny_unet():
 
 def tiny_flux():
     config = {
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
-        "context_in_dim": 48, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
-        "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-        "guidance_embed": False, "dtype": torch.float32,
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "patch_size": 2,
+        "vec_in_dim": 32,
+        "context_in_dim": 48,
+        "hidden_size": 64,
+        "mlp_ratio": 2.0,
+        "num_heads": 2,
+        "depth": 2,
+        "depth_single_blocks": 2,
+        "axes_dim": [8, 12, 12],
+        "theta": 10000,
+        "qkv_bias": True,
+        "guidance_embed": False,
+        "dtype": torch.float32,
     }
     base = comfy.supported_models.Flux(config).get_model({})
     randomize_(base.diffusion_model, 1)
@@ -80,9 +107,14 @@ def make_sae(width: int, hook: str, family: str, seed: int = 0) -> SparseAutoenc
 
 def make_features(sae: SparseAutoencoder, classes=("male", "female")) -> FeatureSet:
     ids = torch.randperm(sae.num_latents, generator=torch.Generator().manual_seed(3))[: 6 * len(classes)]
-    return FeatureSet(classes=tuple(classes), ids=tuple(ids.reshape(len(classes), 6).clone()),
-                      scores=tuple(torch.linspace(1, 0.5, 6) for _ in classes), sae_fingerprint=sae.fingerprint(),
-                      hook=sae.hook, method="random")
+    return FeatureSet(
+        classes=tuple(classes),
+        ids=tuple(ids.reshape(len(classes), 6).clone()),
+        scores=tuple(torch.linspace(1, 0.5, 6) for _ in classes),
+        sae_fingerprint=sae.fingerprint(),
+        hook=sae.hook,
+        method="random",
+    )
 
 
 def load_plugin():
@@ -104,16 +136,28 @@ def conds(batch_tokens: int = 77, dim: int = 768, seed: int = 5, pooled: int | N
 def sample(model, positive, negative, batch=2, size=32, steps=2, cfg=5.0, seed=7, channels=4):
     latent = torch.zeros(batch, channels, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=seed
+    )
 
 
 def apply_node(mapping, model, sae, features, **overrides):
     wire = sys.modules[mapping["DiffBiasLoadSAE"].__module__.rsplit(".", 1)[0] + ".wires"].SaeWire
-    args = dict(mode="balance", target="", edit="add", strength=8.0, top_k=6, start_percent=0.0,
-                end_percent=1.0, cond_only=True, seed=0)
+    args = dict(
+        mode="balance",
+        target="",
+        edit="add",
+        strength=8.0,
+        top_k=6,
+        start_percent=0.0,
+        end_percent=1.0,
+        cond_only=True,
+        seed=0,
+    )
     args.update(overrides)
-    return mapping["DiffBiasApplyIntervention"].execute(model, wire(sae, "/dev/null"), features, **args).args[0]
+    return (
+        mapping["DiffBiasApplyIntervention"].execute(model, wire(sae, "/dev/null"), features, **args).args[0]
+    )
 
 
 def first_step_predictions(model, positive, negative, batch=2):
@@ -150,20 +194,31 @@ def unet_checks(mapping, patching) -> dict:
     out["cond_only_uncond_identical"] = bool(torch.equal(uncond_plain, uncond_edit))
     out["cond_only_cond_changed"] = bool((cond_plain != cond_edit).any())
     both = apply_node(mapping, model, sae, features, cond_only=False)
-    out["cond_and_uncond_uncond_changed"] = bool((first_step_predictions(both, positive, negative)[1]
-                                                  != uncond_plain).any())
+    out["cond_and_uncond_uncond_changed"] = bool(
+        (first_step_predictions(both, positive, negative)[1] != uncond_plain).any()
+    )
 
     neutral = apply_node(mapping, model, sae, features, strength=0.0)
     out["neutral_node_returns_input"] = neutral is model
     out["neutral_image_identical"] = bool(torch.equal(sample(neutral, positive, negative), before))
     model_info = sys.modules[patching.__name__.rsplit(".", 1)[0] + ".model_info"]
     forced = patching.add_intervention(  # installed although neutral: apply_edit must be the identity
-        model, model_info.parse_hook("unet.middle"), sae, features, EditSpec(mode="scale", strength=1.0, top_k=6),
-        weights=(1.0, 1.0), fixed=None, seed=0, window=(0.0, 1.0), cond_only=False)
+        model,
+        model_info.parse_hook("unet.middle"),
+        sae,
+        features,
+        EditSpec(mode="scale", strength=1.0, top_k=6),
+        weights=(1.0, 1.0),
+        fixed=None,
+        seed=0,
+        window=(0.0, 1.0),
+        cond_only=False,
+    )
     out["neutral_patch_image_identical"] = bool(torch.equal(sample(forced, positive, negative), before))
     window = apply_node(mapping, model, sae, features, start_percent=0.999, end_percent=1.0)
-    out["outside_window_identical"] = bool(torch.equal(sample(window, positive, negative, steps=1), sample(
-        model, positive, negative, steps=1)))
+    out["outside_window_identical"] = bool(
+        torch.equal(sample(window, positive, negative, steps=1), sample(model, positive, negative, steps=1))
+    )
 
     # clone() shares the patch object and the SAE weights; the input model has no patch
     clone = patched.clone()
@@ -249,7 +304,9 @@ def flux_checks(mapping, patching) -> dict:
         else:
             plain, edited = runs["plain"]["img"], runs["edited"]["img"]
             out["single_txt_identical"] = bool(torch.equal(plain[:, :txt_len], edited[:, :txt_len]))
-            out["single_img_changed_everywhere"] = bool((plain[:, txt_len:] != edited[:, txt_len:]).any(-1).all())
+            out["single_img_changed_everywhere"] = bool(
+                (plain[:, txt_len:] != edited[:, txt_len:]).any(-1).all()
+            )
     return out
 
 

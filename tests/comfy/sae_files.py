@@ -19,20 +19,36 @@ FEATURE_SETS = {
 
 def example_sae(seed: int = 0, width: int = 1280, latents: int = 512, k: int = 16) -> SparseAutoencoder:
     """A random per-token SAE for the SD1.5 bottleneck (unet.middle)."""
-    sae = SparseAutoencoder(width, latents, k, hook="unet.middle", model_family="sd15",
-                            provenance={"made_by": "tests/comfy/sae_files.py"})
+    sae = SparseAutoencoder(
+        width,
+        latents,
+        k,
+        hook="unet.middle",
+        model_family="sd15",
+        provenance={"made_by": "tests/comfy/sae_files.py"},
+    )
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     return sae
 
 
-def example_features(sae: SparseAutoencoder, classes: tuple[str, ...], per_class: int = 20, seed: int = 0) -> FeatureSet:
+def example_features(
+    sae: SparseAutoencoder, classes: tuple[str, ...], per_class: int = 20, seed: int = 0
+) -> FeatureSet:
     """Distinct random feature ids per class with descending scores."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(sae.num_latents, generator=generator)[: per_class * len(classes)].reshape(len(classes), -1)
+    ids = torch.randperm(sae.num_latents, generator=generator)[: per_class * len(classes)].reshape(
+        len(classes), -1
+    )
     scores = torch.linspace(1.0, 0.1, per_class)
-    return FeatureSet(classes=classes, ids=tuple(row.clone() for row in ids), scores=tuple(scores.clone() for _ in classes),
-                      sae_fingerprint=sae.fingerprint(), hook=sae.hook, method="random",
-                      provenance={"made_by": "tests/comfy/sae_files.py"})
+    return FeatureSet(
+        classes=classes,
+        ids=tuple(row.clone() for row in ids),
+        scores=tuple(scores.clone() for _ in classes),
+        sae_fingerprint=sae.fingerprint(),
+        hook=sae.hook,
+        method="random",
+        provenance={"made_by": "tests/comfy/sae_files.py"},
+    )
 
 
 ERROR_SAES = {

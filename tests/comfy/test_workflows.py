@@ -20,7 +20,15 @@ TINY = {
     "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
-    "DiffBiasTrainSAE": {"width": 64, "height": 64, "steps": 2, "images": 4, "batch_size": 2, "latents": 256, "k": 8},
+    "DiffBiasTrainSAE": {
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "images": 4,
+        "batch_size": 2,
+        "latents": 256,
+        "k": 8,
+    },
     "DiffBiasAttributeFeatures": {"width": 64, "height": 64, "steps": 2, "samples": 3, "batch_size": 3},
 }
 

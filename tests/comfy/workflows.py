@@ -14,7 +14,11 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 def _ordered_inputs(spec: dict) -> list[tuple[str, list]]:
     order = spec.get("input_order") or {g: list(spec["input"].get(g, {})) for g in ("required", "optional")}
-    return [(name, spec["input"][group][name]) for group in ("required", "optional") for name in order.get(group, [])]
+    return [
+        (name, spec["input"][group][name])
+        for group in ("required", "optional")
+        for name in order.get(group, [])
+    ]
 
 
 def is_widget(input_spec: list) -> bool:
@@ -75,27 +79,55 @@ def build_ui(graph: list[dict], object_info: dict) -> dict:
                 kind = object_info[origin["type"]]["output"][slot]
                 links.append([link_id, origin["id"], slot, node["id"], len(inputs), kind])
                 out_links.setdefault((origin["id"], slot), []).append(link_id)
-                inputs.append({"name": name, "type": input_spec[0] if not isinstance(input_spec[0], list) else "COMBO",
-                               "link": link_id})
+                inputs.append(
+                    {
+                        "name": name,
+                        "type": input_spec[0] if not isinstance(input_spec[0], list) else "COMBO",
+                        "link": link_id,
+                    }
+                )
             if is_widget(input_spec):  # a linked widget keeps its value, as the frontend does
                 values.append(_widget_value(node, name, input_spec))
                 if has_control(name, input_spec):
                     values.append("fixed")
-        ui_nodes.append({"id": node["id"], "type": node["type"], "pos": list(node["pos"]),
-                         "size": list(node.get("size", (320, 60 + 26 * (len(values) + len(inputs))))),
-                         "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
-                         "properties": {"Node name for S&R": node["type"]}, "widgets_values": values})
+        ui_nodes.append(
+            {
+                "id": node["id"],
+                "type": node["type"],
+                "pos": list(node["pos"]),
+                "size": list(node.get("size", (320, 60 + 26 * (len(values) + len(inputs))))),
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": [],
+                "properties": {"Node name for S&R": node["type"]},
+                "widgets_values": values,
+            }
+        )
         if node.get("title"):
             ui_nodes[-1]["title"] = node["title"]
     for ui_node in ui_nodes:
         spec = object_info[ui_node["type"]]
         ui_node["outputs"] = [
-            {"name": name, "type": kind, "links": out_links.get((ui_node["id"], slot), []), "slot_index": slot}
+            {
+                "name": name,
+                "type": kind,
+                "links": out_links.get((ui_node["id"], slot), []),
+                "slot_index": slot,
+            }
             for slot, (name, kind) in enumerate(zip(spec["output_name"], spec["output"], strict=True))
         ]
-    return {"last_node_id": max(node["id"] for node in graph), "last_link_id": len(links), "nodes": ui_nodes,
-            "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+    return {
+        "last_node_id": max(node["id"] for node in graph),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
 
 
 def _widget_value(node: dict, name: str, input_spec: list):
