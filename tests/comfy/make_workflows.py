@@ -111,7 +111,7 @@ def dissect_from_scratch() -> list[dict]:
         {
             "id": 2,
             "type": "DiffBiasTrainSAE",
-            "pos": (40, 220),
+            "pos": (420, 40),
             "size": (360, 560),
             "widgets": {
                 "prompts": "a photo of a person\na photo of a doctor\na photo of a firefighter\n"
@@ -130,7 +130,7 @@ def dissect_from_scratch() -> list[dict]:
         {
             "id": 3,
             "type": "DiffBiasAttributeFeatures",
-            "pos": (440, 220),
+            "pos": (820, 40),
             "size": (360, 520),
             "widgets": {
                 "class_prompts": "male: a photo of a male person\nfemale: a photo of a female person",
@@ -146,15 +146,15 @@ def dissect_from_scratch() -> list[dict]:
         {
             "id": 4,
             "type": "DiffBiasSaveFeatures",
-            "pos": (840, 560),
+            "pos": (1220, 520),
             "widgets": {"file_name": "gender"},
             "links": {"features": (3, "features"), "sae": (2, "sae")},
         },
-        {"id": 5, "type": "PreviewImage", "pos": (840, 720), "links": {"images": (3, "chart")}},
+        {"id": 5, "type": "PreviewImage", "pos": (1220, 680), "links": {"images": (3, "chart")}},
         {
             "id": 6,
             "type": "DiffBiasApplyIntervention",
-            "pos": (840, 40),
+            "pos": (1220, 40),
             "size": (340, 420),
             "widgets": {
                 "mode": "balance",
@@ -165,7 +165,7 @@ def dissect_from_scratch() -> list[dict]:
             },
             "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")},
         },
-        *sampling_tail(7, (6, "MODEL"), (1, "CLIP"), (1, "VAE"), 1220, prefix="diffbias_dissected"),
+        *sampling_tail(7, (6, "MODEL"), (1, "CLIP"), (1, "VAE"), 1600, prefix="diffbias_dissected"),
     ]
 
 
