@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import comfy.cli_args
@@ -310,6 +311,72 @@ def flux_checks(mapping, patching) -> dict:
     return out
 
 
+class FakeClip:
+    """Text encoder stand-in for the tiny UNet: a seeded random (1, 77, 768) conditioning per prompt."""
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens: str) -> list:
+        seed = sum(map(ord, tokens)) % 2**31
+        return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def interrupt_checks(mapping, tmp: Path) -> dict:
+    """Cancel Train Bias SAE during its third sampler run: the file holds the best weights so far."""
+    import comfy.patcher_extension
+    import folder_paths
+
+    from diffbias_core import load_sae
+
+    calls = []
+
+    def cancel_later(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # runs of 4 steps: the 9th model call is in the third run
+            comfy.model_management.interrupt_current_processing(True)
+        return executor(*args, **kwargs)
+
+    model = tiny_unet()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_cancel", cancel_later)
+    saved = folder_paths.folder_names_and_paths["sae"]
+    folder_paths.folder_names_and_paths["sae"] = ([str(tmp)], {".safetensors"})
+    out = {"interrupt_raised": False}
+    try:
+        mapping["DiffBiasTrainSAE"].execute(
+            model,
+            FakeClip(),
+            "a photo of a person\na photo of a doctor",
+            "",
+            32,
+            32,
+            4,
+            5.0,
+            "euler",
+            "normal",
+            0,
+            16,
+            4,
+            "unet.middle",
+            64,
+            4,
+            "cancelled",
+        )
+    except comfy.model_management.InterruptProcessingException:
+        out["interrupt_raised"] = True
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        folder_paths.folder_names_and_paths["sae"] = saved
+    path = tmp / "cancelled.safetensors"
+    out["interrupt_file_written"] = path.is_file()
+    if path.is_file():
+        sae = load_sae(path)
+        out["interrupt_file_sae"] = [sae.d_in, sae.num_latents, sae.k, sae.hook, sae.model_family]
+        out["interrupt_file_steps"] = int(sae.provenance.get("steps", "0"))
+    out["interrupt_model_calls"] = len(calls)
+    return out
+
+
 def folder_checks(mapping) -> dict:
     """A missing models/sae folder: validation and execution say where to create it."""
     import folder_paths
@@ -332,6 +399,8 @@ def folder_checks(mapping) -> dict:
 def main() -> None:
     mapping, patching = load_plugin()
     results = folder_checks(mapping)
+    with tempfile.TemporaryDirectory() as tmp:
+        results.update(interrupt_checks(mapping, Path(tmp)))
     results.update(unet_checks(mapping, patching))
     results.update(flux_checks(mapping, patching))
     print("RESULTS " + json.dumps(results))

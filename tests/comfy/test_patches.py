@@ -70,3 +70,11 @@ def test_missing_sae_folder_says_where_to_create_it(results):
     for key in ("missing_folder_validation", "missing_folder_error"):
         message = results[key]
         assert "/nonexistent/diffbias/models/sae" in message and "create it" in message, message
+
+
+def test_cancelled_training_keeps_a_valid_file(results):
+    assert results["interrupt_raised"], "Train Bias SAE did not stop on Cancel"
+    assert results["interrupt_model_calls"] < 16, "sampling went on after Cancel"
+    assert results["interrupt_file_written"]
+    assert results["interrupt_file_sae"] == [64, 64, 4, "unet.middle", "sd15"]
+    assert results["interrupt_file_steps"] > 0
