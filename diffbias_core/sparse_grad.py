@@ -3,8 +3,8 @@
 A TopK SAE touches only k of its L latents per row, so the gradients of the encoder rows, the decoder
 rows and the latent values are sparse too. Autograd through ``topk`` + ``embedding_bag`` gets them right
 but slowly (``embedding_bag``'s weight gradient on CPU is slower than the whole encoder matmul); these two
-functions compute the same gradients with a sorted sparse (CSR) matrix product and row gathers, and never
-build a dense (rows, num_latents) gradient.
+functions compute the weight gradients with a sorted sparse (CSR) matrix product instead, and never build
+a dense (rows, num_latents) gradient.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-_GATHER_BYTES = 1 << 26  # memory for one chunk of gathered (rows, n, n_in) decoder rows
 
 
 def scatter_rows(indices: Tensor, coef: Tensor, rhs: Tensor, num_rows: int) -> Tensor:
@@ -36,21 +34,10 @@ def scatter_rows(indices: Tensor, coef: Tensor, rhs: Tensor, num_rows: int) -> T
         return matrix @ rhs
 
 
-def rowwise_dot(indices: Tensor, weight: Tensor, rhs: Tensor) -> Tensor:
-    """out[r, j] = weight[indices[r, j]] . rhs[r]; indices: (R, n), weight: (L, D), rhs: (R, D) -> (R, n)."""
-    rows, n = indices.shape
-    out = rhs.new_empty(rows, n)
-    chunk = max(1, _GATHER_BYTES // max(1, n * weight.shape[1] * weight.element_size()))
-    for start in range(0, rows, chunk):
-        gathered = F.embedding(indices[start:start + chunk], weight)  # (chunk, n, D)
-        out[start:start + chunk] = torch.bmm(gathered, rhs[start:start + chunk].unsqueeze(2)).squeeze(2)
-    return out
-
-
 class _GatherEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
-        values = pre.gather(1, indices)  # (R, n)
+        values = pre.gather(1, indices).clamp_min_(0)  # (R, n), the ReLU of the selected entries
         ctx.save_for_backward(x, weight, indices, values)
         return values
 
@@ -70,16 +57,20 @@ class _GatherEncode(torch.autograd.Function):
 
 
 def encoder_pre(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Dense ReLU pre-activations without autograd. x: (R, n_in), weight: (L, n_in) -> (R, L)."""
+    """Dense pre-activations (before the ReLU) without autograd. x: (R, n_in), weight: (L, n_in) -> (R, L).
+
+    The ReLU is monotonic, so the TopK of these is the TopK of the ReLU'd ones; it is applied to the
+    selected entries only.
+    """
     with torch.no_grad():
-        return F.linear(x, weight, bias).relu_()
+        return F.linear(x, weight, bias)
 
 
 def gather_encode(x: Tensor, weight: Tensor, bias: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
     """relu(x @ weight.T + bias) at ``indices``, differentiable in x, weight and bias.
 
     x: (R, n_in); weight: (L, n_in); bias: (L,); indices: (R, n) distinct per row; pre: (R, L) the
-    :func:`encoder_pre` of the same inputs -> (R, n) values. The backward touches only the selected rows.
+    :func:`encoder_pre` of the same inputs -> (R, n) values >= 0. The backward touches only the selected rows.
     """
     return _GatherEncode.apply(x, weight, bias, indices, pre)
 
@@ -93,7 +84,12 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         indices, values, weight = ctx.saved_tensors
-        grad_values = rowwise_dot(indices, weight, grad) if ctx.needs_input_grad[1] else None
+        grad_values = None
+        if ctx.needs_input_grad[1]:  # embedding_bag's own per-sample-weight gradient: fused, no gathered copy
+            with torch.enable_grad():
+                leaf = values.detach().requires_grad_()
+                out = F.embedding_bag(indices, weight.detach(), per_sample_weights=leaf, mode="sum")
+                (grad_values,) = torch.autograd.grad(out, leaf, grad)
         grad_weight = scatter_rows(indices, values, grad, weight.shape[0]) if ctx.needs_input_grad[2] else None
         return None, grad_values, grad_weight
 
@@ -107,4 +103,4 @@ def sparse_decode(indices: Tensor, values: Tensor, weight: Tensor) -> Tensor:
     return _SparseDecode.apply(indices, values.to(weight.dtype), weight)
 
 
-__all__ = ["encoder_pre", "gather_encode", "rowwise_dot", "scatter_rows", "sparse_decode"]
+__all__ = ["encoder_pre", "gather_encode", "scatter_rows", "sparse_decode"]

@@ -284,12 +284,24 @@ class SaeTrainer:
                 break
             self.fill -= rows
 
-    def _init_b_dec(self, rows: Tensor) -> None:
-        mode = self.config.b_dec_init
+    def _init_from_data(self, rows: Tensor) -> None:
+        """b_dec at the centre of the first rows (n_in wide); then the encoder scale that reconstructs them best.
+
+        With b_enc = 0, scaling W_enc by s keeps every TopK selection and scales x_hat - b_dec by s, so the
+        least-squares s is <x - b_dec, x_hat - b_dec> / |x_hat - b_dec|^2: one pass, no overshooting start.
+        """
+        sae, mode = self.sae, self.config.b_dec_init
         if mode != "zero":
             center = geometric_median(rows) if mode == "geometric_median" else rows.mean(0)  # (n_in,)
-            center = ddp.mean_(center.view(self.sae.d_in, -1).mean(1))  # (d_in,): mean over kernel positions
-            self.sae.b_dec.data.copy_(center)
+            center = ddp.mean_(center.view(sae.d_in, -1).mean(1))  # (d_in,): mean over kernel positions
+            sae.b_dec.data.copy_(center)
+        with torch.no_grad():
+            sample = rows[: self.config.batch_size] - sae.b_dec_flat  # (B, n_in)
+            code = sae.encode(rows[: self.config.batch_size])
+            decoded = sae.decode_sparse(code.indices, code.values)  # (B, n_in), without b_dec
+            fit = ddp.mean_(torch.stack([(sample * decoded).sum(), decoded.pow(2).sum()]))
+            if fit[1] > 0 and fit[0] > 0:
+                sae.W_enc.data.mul_(fit[0] / fit[1])
         self.run.initialized = True
 
     # ------------------------------------------------------------------ one step
@@ -303,7 +315,7 @@ class SaeTrainer:
             self.stopped = True
             return False
         if not self.run.initialized:
-            self._init_b_dec(self._first_rows if self._first_rows is not None else x)
+            self._init_from_data(self._first_rows if self._first_rows is not None else x)
             self._first_rows = None
         lr = cfg.lr_at(self.run.step)
         for group in self.optimizer.param_groups:

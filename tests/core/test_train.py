@@ -98,6 +98,21 @@ def test_geometric_median_beats_the_mean_on_outliers():
     assert cost(median) <= cost(median + 0.01 * torch.randn(3, generator=g)) + 1e-4
 
 
+def test_encoder_scale_is_fitted_to_the_first_rows(planted):
+    x, _ = planted.planted_rows(13, width=16, atoms=24, k=3, rows=512, noise=0.01)
+    trainer = SaeTrainer(TrainConfig(num_latents=32, k=3, batch_size=512, buffer_batches=1, lr=1e-12, warmup_steps=0), 16)
+    trainer.feed(x)  # one step at a negligible learning rate: the weights are the initial ones
+    sae = trainer.sae
+
+    def error(scale):
+        with torch.no_grad():
+            code = sae.encode(x)
+            return (x - sae.b_dec - scale * sae.decode_sparse(code.indices, code.values)).pow(2).sum()
+
+    assert error(1.0) < min(error(0.9), error(1.1))  # the least-squares scale: a minimum in the scale
+    torch.testing.assert_close(sae.b_dec.detach(), geometric_median(x), rtol=1e-4, atol=1e-4)
+
+
 def test_lr_warmup_and_linear_decay():
     cfg = TrainConfig(num_latents=8, k=2, lr=1.0, warmup_steps=4, lr_schedule="linear", max_steps=10)
     assert [cfg.lr_at(s) for s in (0, 3)] == [0.25, 1.0]
