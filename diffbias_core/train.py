@@ -227,9 +227,14 @@ class SaeTrainer:
 
         x: (N, n_in) rows, or (N, d_in, H, W) maps (converted with :func:`to_sae_inputs`). Rows with a
         non-finite value are dropped and counted in ``stats.skipped``. Any dtype/device; trains in float32.
+        Works inside ``torch.inference_mode()`` / ``no_grad()`` (as when ComfyUI samples): training leaves them.
         """
         if self.stopped:
             return
+        with torch.inference_mode(False), torch.enable_grad():
+            self._feed(x)
+
+    def _feed(self, x: Tensor) -> None:
         x = to_sae_inputs(x.detach(), self.sae.kernel_size) if x.ndim == 4 else x.detach()
         if x.ndim != 2 or x.shape[1] != self.sae.n_in:
             raise ValueError(
@@ -256,7 +261,8 @@ class SaeTrainer:
         """Train on what is left in the buffer (a last smaller batch included) and return the stats."""
         if not self.stopped:
             if self.buffer is not None and self.fill:
-                self._drain(keep=0, partial=True)
+                with torch.inference_mode(False), torch.enable_grad():
+                    self._drain(keep=0, partial=True)
             if not self.stopped:
                 ddp.all_agree(False, self.sae.device)  # release processes still waiting for a step
             self.stopped = True
@@ -349,6 +355,10 @@ class SaeTrainer:
         run.l0, run.auxk, run.lr = l0_value, auxk_value, lr
         if run.step % max(1, cfg.ema_span // 2) == 0:
             self._check_best()
+        if run.step % 100 == 0 and logger.isEnabledFor(logging.INFO):
+            stats = self.stats
+            logger.info("step %d: FVU %.4f, L0 %.1f, dead %.1f%%, AuxK %.4f, lr %.3g", stats.step, stats.fvu,
+                        stats.l0, 100 * stats.dead_fraction, stats.auxk, stats.lr)  # fmt: skip
         if self.progress is not None:
             self.progress(self.stats)
         return True

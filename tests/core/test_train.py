@@ -197,6 +197,21 @@ def test_maps_and_rows_train_identically():
         a.feed(torch.randn(3, 5))
 
 
+def test_feeding_inside_inference_mode_trains(planted):
+    x, _ = planted.planted_rows(14, width=8, atoms=8, k=2, rows=600, noise=0.0)
+    config = TrainConfig(num_latents=8, k=2, batch_size=100, buffer_batches=2, warmup_steps=0)
+    a, b = SaeTrainer(config, 8), SaeTrainer(config, 8)
+    with torch.inference_mode():  # how ComfyUI runs every node
+        captured = x.clone()
+        a.feed(captured)
+        stats = a.finish()
+    with torch.no_grad():
+        b.feed(x)
+    b.finish()
+    assert stats.step == 6 and not a.sae.W_dec.is_inference()
+    torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec, rtol=0, atol=0)
+
+
 def test_kernel_sae_training_lowers_fvu():
     g = torch.Generator().manual_seed(8)
     basis = torch.randn(6, 3 * 2 * 2, generator=g)
