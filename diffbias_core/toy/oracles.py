@@ -1,10 +1,11 @@
 """Exact oracles for the toy world: read the colour, the shape and the foreground mask of an image.
 
-Pixel rules only, no learned classifier. The background is grey (no chroma) and the shape is a
-light red, green or blue (chroma about 0.45), so:
+Pixel rules only, no learned classifier. The background is a dark grey (brightness <= 0.35) and the
+shape a light red, green or blue (brightness >= 0.6), so:
 
-* foreground = pixels whose chroma (max - min channel, in [0, 1] units) exceeds a threshold,
-  reduced to its largest 8-connected component;
+* foreground = pixels brighter than the midpoint (mean channel, in [0, 1] units), reduced to the
+  largest 8-connected component (brightness, not colour, is what the toy model draws most
+  precisely: see ``UNetConfig.chroma_scale``);
 * colour = the channel with the largest mean over the foreground;
 * shape = the template (circle, square, triangle, as the world renders them) fitted to the
   foreground's bounding box with the highest IoU against it.
@@ -20,8 +21,9 @@ from torch import Tensor
 
 from .world import COLOURS, SHAPES, shape_masks
 
-CHROMA_THRESHOLD = 0.2
-"""Foreground chroma threshold, in [0, 1] units."""
+BRIGHTNESS_THRESHOLD = 0.475
+"""Foreground brightness threshold (mean of the channels, in [0, 1] units): between the brightest
+background (0.35) and the darkest shape (0.6)."""
 MIN_AREA = 8
 """Foregrounds smaller than this many pixels are unreadable (colour and shape -1)."""
 
@@ -57,11 +59,10 @@ def largest_component(mask: Tensor) -> Tensor:
     return (flat == best).view(b, h, w) & mask
 
 
-def foreground(images: Tensor, threshold: float = CHROMA_THRESHOLD) -> Tensor:
-    """images: (B, 3, S, S) in [-1, 1] -> (B, S, S) bool foreground (largest chromatic component)."""
-    rgb = (images.float().clamp(-1, 1) + 1) / 2
-    chroma = rgb.amax(1) - rgb.amin(1)  # (B, S, S)
-    return largest_component(chroma > threshold)
+def foreground(images: Tensor, threshold: float = BRIGHTNESS_THRESHOLD) -> Tensor:
+    """images: (B, 3, S, S) in [-1, 1] -> (B, S, S) bool foreground (largest bright component)."""
+    brightness = (images.float().clamp(-1, 1).mean(1) + 1) / 2  # (B, S, S)
+    return largest_component(brightness > threshold)
 
 
 def _bbox(mask: Tensor) -> tuple[Tensor, Tensor]:

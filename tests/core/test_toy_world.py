@@ -30,8 +30,8 @@ def test_oracles_tolerate_mild_pixel_noise():
     assert (reading.shape == scenes.shape).float().mean() >= 0.95
 
 
-def test_blank_grey_image_is_unreadable():
-    images = torch.zeros(2, 3, 16, 16)
+def test_blank_dark_image_is_unreadable():
+    images = torch.full((2, 3, 16, 16), -0.6)
     reading = oracles.read(images)
     assert reading.colour.tolist() == [-1, -1] and reading.shape.tolist() == [-1, -1]
     assert not reading.mask.any()
@@ -109,6 +109,15 @@ def test_skew_from_majority_and_config_validation():
         W.WorldConfig(skew=((0.5, 0.5, 0.5),) * 3)
     with pytest.raises(ValueError, match="image_size"):
         W.WorldConfig(image_size=8)
+
+
+def test_foreground_is_the_bright_part_and_colour_the_strongest_channel():
+    images = torch.full((1, 3, 16, 16), -0.7)
+    images[0, :, 4:12, 3:11] = torch.tensor([0.0, 0.0, 0.9]).view(3, 1, 1)  # a light blue square
+    images[0, :, 0, 0] = 0.9  # a bright speck, not connected
+    reading = oracles.read(images)
+    assert reading.mask.sum() == 64 and reading.mask[0, 4:12, 3:11].all()
+    assert reading.colour.tolist() == [2] and reading.shape.tolist() == [1]
 
 
 def test_largest_component_drops_specks():
