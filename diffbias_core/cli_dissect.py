@@ -133,10 +133,8 @@ def attribute_command(args: argparse.Namespace) -> int:
                 bar.update(done - bar.done)
 
             features = attribute(sae, shards, config, probes, progress=progress)
-        features = type(features)(features.classes, features.ids, features.scores, features.sae_fingerprint,
-                                  features.hook, features.method,
-                                  {**features.provenance, "sae": args.sae.name,
-                                   "shards": ",".join(p.name for p in args.shards)})  # fmt: skip
+        features = dataclasses.replace(features, provenance={**features.provenance, "sae": args.sae.name,
+                                                             "shards": ",".join(p.name for p in args.shards)})
         save_features(features, args.out)
     except (ValueError, OSError, FormatError) as error:
         return _fail(str(error))

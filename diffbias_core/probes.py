@@ -89,7 +89,11 @@ class StepProbes:
         weight, bias = self.weight.to(x.device, x.dtype), self.bias.to(x.device, x.dtype)
         if position.ndim == 0:
             return flat @ weight[position].T + bias[position]
-        return torch.einsum("nf,ncf->nc", flat, weight[position]) + bias[position]
+        out = flat.new_empty(flat.shape[0], len(self.classes))
+        for p in position.unique():  # one matmul per step present: no (N, classes, features) gather
+            rows = position == p
+            out[rows] = flat[rows] @ weight[p].T + bias[p]
+        return out
 
     def position(self, step: int | Tensor) -> Tensor:
         """Index into :attr:`steps` of every step given; ValueError for a step without a probe."""
