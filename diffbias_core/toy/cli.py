@@ -66,8 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the pictures and the report")
     parser.add_argument("--json", type=Path, default=None, help="report path (default: OUT/report.json)")
     parser.add_argument("--train-sae", action="store_true", help="train a new SAE instead of the shipped one")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: min(2, cores); 1 is faster on a busy machine)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the toy's small convolutions gain little from more, "
+                             "and several threads slow down badly on a busy machine)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from .train import write_json
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    threads = args.threads if args.threads > 0 else min(2, torch.get_num_threads())
-    torch.set_num_threads(threads)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     config = DemoConfig(seed=args.seed, samples=args.samples, steps=args.steps, pairs=args.pairs, skew=args.bias,
                         train_sae=args.train_sae, show_progress=not args.quiet)  # fmt: skip
     result = run_demo(config)
