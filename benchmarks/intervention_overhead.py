@@ -13,7 +13,8 @@ machine load hits them alike:
   k 1024; one code per image).
 
 Both edits: balance mode, two classes, 10 features per class, add 10, cond only (the defaults). Prints the
-median step time of each and the ratios patched / unpatched (goal: <= 1.03). ComfyUI is imported from
+median step time of each and the ratios patched / unpatched (goal: <= 1.03), in wall-clock time and in
+process CPU time (the latter is steadier on a machine shared with other jobs). ComfyUI is imported from
 COMFYUI_PATH (with the repository's test stub for torchvision when torchvision is not installed).
 """
 
@@ -107,14 +108,16 @@ def make_sae_and_features(width: int, kernel: int, latents: int, k: int):
     return sae, features
 
 
-def timed(model, log: list[float]):
-    """A clone of ``model`` whose every diffusion-model call (one per euler step) appends its seconds to ``log``."""
+def timed(model, wall: list[float], cpu: list[float]):
+    """A clone of ``model`` whose every diffusion-model call (one per euler step) appends its wall-clock and
+    process CPU seconds to ``wall`` and ``cpu``."""
     import comfy.patcher_extension
 
     def timer(executor, *args, **kwargs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = executor(*args, **kwargs)
-        log.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         return out
 
     clone = model.clone()
@@ -185,34 +188,48 @@ def main() -> None:
             cond_only=True,
         )
     times: dict[str, list[float]] = {name: [] for name in models}
-    runs = {name: timed(patched, times[name]) for name, patched in models.items()}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
+    runs = {name: timed(patched, times[name], cpu[name]) for name, patched in models.items()}
     names = list(models)
     for name in names:  # warm-up: first loads, allocations, the SAE's working copy; not counted
         sample_once(runs[name], positive, negative, latent_size, 1, 0)
         times[name].clear()
+        cpu[name].clear()
     for round_index in range(args.rounds):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             sample_once(runs[name], positive, negative, latent_size, args.steps, round_index)
-            print(f"round {round_index + 1}/{args.rounds} {name}: {times[name][-1]:.3f} s/step", flush=True)
+            print(
+                f"round {round_index + 1}/{args.rounds} {name}: {times[name][-1]:.3f} s/step "
+                f"({cpu[name][-1]:.3f} s CPU)",
+                flush=True,
+            )
     median = {name: statistics.median(values) for name, values in times.items()}
+    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     ratios = {name: median[name] / median["unpatched"] for name in models if name != "unpatched"}
+    cpu_ratios = {name: median_cpu[name] / median_cpu["unpatched"] for name in models if name != "unpatched"}
     print(
         f"\nSD1.5-architecture UNet{' (small)' if args.small else ''}, {args.size}x{args.size}, batch 2 "
         f"(cond + uncond), euler, {torch.get_num_threads()} threads; median of {len(times['unpatched'])} steps"
     )
     for name in models:
-        extra = f"  ratio {ratios[name]:.4f}" if name in ratios else ""
-        print(f"  {name:10s} {median[name]:8.3f} s/step{extra}")
+        extra = (
+            f"  ratio {ratios[name]:.4f} (CPU time ratio {cpu_ratios[name]:.4f})" if name in ratios else ""
+        )
+        print(f"  {name:10s} {median[name]:8.3f} s/step  {median_cpu[name]:8.3f} s CPU/step{extra}")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "size": args.size,
                     "small": args.small,
+                    "threads": torch.get_num_threads(),
                     "seconds": times,
+                    "cpu_seconds": cpu,
                     "median": median,
+                    "median_cpu": median_cpu,
                     "ratios": ratios,
+                    "cpu_ratios": cpu_ratios,
                 },
                 indent=2,
             )

@@ -337,7 +337,7 @@ class FeatureEdit(_SharedPatch):
         sigmas = row_sigmas(transformer_options, h.shape[0])
         if sigmas is not None:
             active = (sigmas <= state.sigma_high) & (sigmas >= state.sigma_low)  # (B,)
-            rows = torch.where(active.to(rows.device), rows, torch.full_like(rows, KEEP))
+            rows = rows.masked_fill(~active.to(rows.device), KEEP)
         if h.ndim == 4:
             return edit_map(h, sae, table, rows, self.spec)
         return apply_edit(h, sae, table, rows, self.spec)
