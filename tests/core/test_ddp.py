@@ -1,18 +1,49 @@
-"""Data-parallel training in two CPU processes (gloo)."""
+"""Data-parallel training in two CPU processes (gloo), each a fresh interpreter."""
 
-import multiprocessing
-import traceback
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from diffbias_core import distributed as ddp
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.formats import read_safetensors, write_safetensors
-from diffbias_core.train import SaeTrainer, TrainConfig, train_sae
+from diffbias_core.formats import read_safetensors
+from diffbias_core.train import SaeTrainer, TrainConfig
 
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = dict(num_latents=16, k=2, batch_size=64, buffer_batches=2, warmup_steps=2, lr=5e-3, dead_after_rows=200)
 SAME = {**CONFIG, "dead_after_rows": 10**9}  # dead counters advance by the global row count: keep AuxK out
+
+WORKER = textwrap.dedent(f"""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from diffbias_core import distributed as ddp
+    from diffbias_core.activations import MemorySource, make_batch
+    from diffbias_core.formats import write_safetensors
+    from diffbias_core.train import SaeTrainer, TrainConfig, train_sae
+
+    rank, folder = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{{folder}}/rendezvous", rank=rank, world_size=2)
+    assert ddp.world() == (rank, 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    # 1. every process feeds the same rows: the averaged gradient is the single-process gradient
+    trainer = SaeTrainer(TrainConfig(**{SAME!r}), 8)
+    trainer.feed(x)
+    same = trainer.finish()
+    # 2. the processes split 15 chunks of 70 rows (8 and 7): they must still stop together
+    config = TrainConfig(**{{**{CONFIG!r}, "batch_size": 70, "buffer_batches": 1}})
+    result = train_sae(MemorySource(make_batch(x[:1030], 0), hook="h"), config)
+    tensors = {{f"same.{{i}}": p.detach() for i, p in enumerate(trainer.params)}}
+    split = (result.sae.W_enc, result.sae.b_enc, result.sae.W_dec, result.sae.b_dec)
+    tensors.update({{f"split.{{i}}": p.detach() for i, p in enumerate(split)}})
+    tensors["counts"] = torch.tensor([same.step, result.stats.step, result.stats.rows])
+    write_safetensors(tensors, {{}}, f"{{folder}}/rank{{rank}}.safetensors")
+    dist.destroy_process_group()
+""")
 
 
 def _rows():
@@ -20,38 +51,15 @@ def _rows():
     return torch.randn(1000, 8, generator=g) @ torch.randn(8, 8, generator=g)
 
 
-def _worker(rank: int, folder: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-        assert ddp.world() == (rank, 2)
-        x = _rows()
-        # 1. every process feeds the same rows: the averaged gradient is the single-process gradient
-        trainer = SaeTrainer(TrainConfig(**SAME), 8)
-        trainer.feed(x)
-        same = trainer.finish()
-        # 2. the processes split 15 chunks of 70 rows (8 and 7): they must still stop together
-        config = TrainConfig(**{**CONFIG, "batch_size": 70, "buffer_batches": 1})
-        result = train_sae(MemorySource(make_batch(x[:1050 - 20], 0), hook="h"), config)
-        tensors = {f"same.{i}": p.detach() for i, p in enumerate(trainer.params)}
-        split = (result.sae.W_enc, result.sae.b_enc, result.sae.W_dec, result.sae.b_dec)
-        tensors.update({f"split.{i}": p.detach() for i, p in enumerate(split)})
-        tensors["counts"] = torch.tensor([same.step, result.stats.step, result.stats.rows])
-        write_safetensors(tensors, {}, f"{folder}/rank{rank}.safetensors")
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise SystemExit(1) from None
-
-
 def test_two_process_training_matches_one_process_and_stays_in_sync(tmp_path, one_thread):
-    context = multiprocessing.get_context("fork")  # the test module is not importable by a spawned child
-    processes = [context.Process(target=_worker, args=(rank, str(tmp_path))) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [p.exitcode for p in processes] == [0, 0]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    workers = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]  # fmt: skip
+    logs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
     ranks = [read_safetensors(tmp_path / f"rank{r}.safetensors")[0] for r in (0, 1)]
     for name in ranks[0]:  # identical parameters and counts in both processes
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
