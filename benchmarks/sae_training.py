@@ -49,7 +49,7 @@ def activations(d_in: int, atoms: int, active: int, rows: int, seed: int) -> tor
         n = min(8192, rows - start)
         idx = torch.rand(n, atoms, generator=g).topk(active, dim=1).indices
         val = torch.empty(n, active).exponential_(generator=g)
-        out[start:start + n] = F.embedding_bag(idx, dictionary, per_sample_weights=val, mode="sum")
+        out[start : start + n] = F.embedding_bag(idx, dictionary, per_sample_weights=val, mode="sum")
     return out + 0.05 * torch.randn(rows, d_in, generator=g) + torch.randn(d_in, generator=g)
 
 
@@ -94,7 +94,10 @@ def run_sparsify(train: torch.Tensor, args, steps: int):
                              optimizer="adam", lr=args.lr, lr_warmup_steps=args.warmup, auxk_alpha=1 / 32,
                              dead_feature_threshold=args.dead_rows, hookpoints=["layers.0"], save_dir=folder,
                              log_to_wandb=False, save_every=10**9, init_seeds=[args.seed])  # fmt: skip
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its log lines
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # its log lines
             trainer = Trainer(cfg, dataset, model)
             start = time.perf_counter()
             trainer.fit()
@@ -111,7 +114,9 @@ class SparsifyStepReimplementation(nn.Module):
         super().__init__()
         self.encoder = nn.Linear(d_in, latents)
         bound = 1 / math.sqrt(d_in)  # nn.Linear's default (kaiming-uniform) draw, from a seeded generator
-        self.encoder.weight.data = (torch.rand(latents, d_in, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * bound
+        self.encoder.weight.data = (
+            torch.rand(latents, d_in, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        ) * bound
         self.encoder.bias.data.zero_()
         self.W_dec = nn.Parameter(F.normalize(self.encoder.weight.data.clone(), dim=1))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -144,7 +149,7 @@ def run_reimplementation(train: torch.Tensor, args, steps: int):
     since_fired = torch.zeros(args.latents, dtype=torch.long)
     start = time.perf_counter()
     for step in range(steps):
-        x = train[step * args.batch_size:(step + 1) * args.batch_size]
+        x = train[step * args.batch_size : (step + 1) * args.batch_size]
         if step == 0:
             sae.b_dec.data = x.mean(0)
         for group in adam.param_groups:  # linear warm-up from 0, then linear decay to 0
@@ -171,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=2**18, help="training rows (one pass)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per step (a multiple of 64)")
-    parser.add_argument("--lr", type=float, default=None, help="default: sparsify's 2e-4 / sqrt(latents / 2^14)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="default: sparsify's 2e-4 / sqrt(latents / 2^14)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     parser.add_argument("--dead-rows", type=int, default=100_000, help="rows without firing = dead")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args.lr = args.lr or 2e-4 / math.sqrt(args.latents / 2**14)
     torch.set_num_threads(args.threads)
     data = activations(args.d_in, args.latents // 2, args.k * 3 // 4, args.tokens + 16384, args.seed)
-    train, test = data[: args.tokens], data[args.tokens:]
+    train, test = data[: args.tokens], data[args.tokens :]
     steps = args.tokens // args.batch_size
     use_sparsify = importlib.util.find_spec("sparsify") is not None and not args.reimplementation
     name = "sparsify" if use_sparsify else "sparsify (reimplementation)"
@@ -204,12 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         "speed_ratio": other_seconds / our_seconds, "ours_fvu": our_fvu, "reference_fvu": other_fvu,
         "fvu_ratio": our_fvu / other_fvu,
     }  # fmt: skip
-    print(f"{steps} steps of {args.batch_size} rows, d_in {args.d_in}, {args.latents} latents, k {args.k}, "
-          f"{args.threads} thread(s)")
+    print(
+        f"{steps} steps of {args.batch_size} rows, d_in {args.d_in}, {args.latents} latents, k {args.k}, "
+        f"{args.threads} thread(s)"
+    )
     print(f"ours      {figures['ours_tokens_per_s']:10.0f} tokens/s   held-out FVU {our_fvu:.4f}")
     print(f"{name:<9} {figures['reference_tokens_per_s']:10.0f} tokens/s   held-out FVU {other_fvu:.4f}")
-    print(f"ratios ours / {name}: speed {figures['speed_ratio']:.2f}x (goal >= 1), FVU {figures['fvu_ratio']:.3f} "
-          "(goal <= 1.05)")
+    print(
+        f"ratios ours / {name}: speed {figures['speed_ratio']:.2f}x (goal >= 1), FVU {figures['fvu_ratio']:.3f} "
+        "(goal <= 1.05)"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

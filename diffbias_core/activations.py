@@ -38,8 +38,16 @@ SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"
 REQUIRED = ("activations", "step", "label", "sample")
 _NUMPY_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -163,14 +171,25 @@ def write_shard(
     classes = _check_classes(classes)
     if not hook:
         raise ValueError("write_shard: hook must be a non-empty hook-point name")
-    checked = make_batch(batch.activations, batch.step, label=batch.label, sample=batch.sample,
-                         timestep=batch.timestep, cond=batch.cond)
+    checked = make_batch(
+        batch.activations,
+        batch.step,
+        label=batch.label,
+        sample=batch.sample,
+        timestep=batch.timestep,
+        cond=batch.cond,
+    )
     if checked.num_rows and (checked.label.min() < -1 or checked.label.max() >= len(classes)):
         raise ValueError(
             f"write_shard {path}: labels must be in [-1, {len(classes)}) for classes {classes}, found "
             f"[{int(checked.label.min())}, {int(checked.label.max())}]"
         )
-    meta = {"format": SHARD_FORMAT, "format_version": SHARD_VERSION, "hook": hook, "classes": ",".join(classes)}
+    meta = {
+        "format": SHARD_FORMAT,
+        "format_version": SHARD_VERSION,
+        "hook": hook,
+        "classes": ",".join(classes),
+    }
     meta.update(metadata or {})
     write_safetensors({k: v.detach().cpu().contiguous() for k, v in checked._asdict().items()}, meta, path)
 
@@ -222,12 +241,15 @@ class ShardReader:
             if end == start:
                 self._maps[name] = np.zeros(shape, dtype=dtype)
             else:
-                self._maps[name] = np.memmap(self.path, dtype=dtype, mode="r", offset=8 + header_len + start,
-                                             shape=shape)
+                self._maps[name] = np.memmap(
+                    self.path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape
+                )
             self._torch_dtype[name] = torch.bfloat16 if entry["dtype"] == "BF16" else None
         acts = self._maps["activations"]
         if acts.ndim not in (2, 4):
-            raise ValueError(f"{self.path}: 'activations' must be (N, d_in) or (N, C, H, W), got {acts.shape}")
+            raise ValueError(
+                f"{self.path}: 'activations' must be (N, d_in) or (N, C, H, W), got {acts.shape}"
+            )
         n = acts.shape[0]
         for name in ("step", "label", "sample", "timestep", "cond"):
             if name in self._maps and self._maps[name].shape != (n,):
@@ -246,11 +268,18 @@ class ShardReader:
         """Copy the rows ``index`` (an int array or a slice) out of the file."""
         acts = self._column("activations", index)
         n = acts.shape[0]
-        timestep = self._column("timestep", index) if "timestep" in self._maps else torch.full((n,), float("nan"))
+        timestep = (
+            self._column("timestep", index) if "timestep" in self._maps else torch.full((n,), float("nan"))
+        )
         cond = self._column("cond", index) if "cond" in self._maps else torch.ones(n, dtype=torch.bool)
-        return make_batch(acts, self._column("step", index),
-                          label=self._column("label", index), sample=self._column("sample", index),
-                          timestep=timestep, cond=cond)
+        return make_batch(
+            acts,
+            self._column("step", index),
+            label=self._column("label", index),
+            sample=self._column("sample", index),
+            timestep=timestep,
+            cond=cond,
+        )
 
     def column(self, name: str) -> Tensor:
         """A whole small column (``step``, ``label``, ``sample``...) as a tensor."""
@@ -309,10 +338,15 @@ class ShardSet:
         first = self.readers[0].info
         for reader in self.readers[1:]:
             info = reader.info
-            for what, a, b in (("hook", first.hook, info.hook), ("row shape", first.row_shape, info.row_shape),
-                               ("classes", first.classes, info.classes)):
+            for what, a, b in (
+                ("hook", first.hook, info.hook),
+                ("row shape", first.row_shape, info.row_shape),
+                ("classes", first.classes, info.classes),
+            ):
                 if a != b:
-                    raise ValueError(f"shards disagree on {what}: {first.path} has {a!r}, {info.path} has {b!r}")
+                    raise ValueError(
+                        f"shards disagree on {what}: {first.path} has {a!r}, {info.path} has {b!r}"
+                    )
         self.hook = first.hook
         self.classes = first.classes
         self.row_shape = first.row_shape
@@ -337,8 +371,11 @@ class ShardSet:
         return torch.cat([reader.column(name) for reader in self.readers])
 
     def select_step(self, step: int) -> ActivationBatch:
-        parts = [reader.rows(torch.nonzero(steps == step).flatten().numpy())
-                 for reader, steps in zip(self.readers, self._steps, strict=True) if bool((steps == step).any())]
+        parts = [
+            reader.rows(torch.nonzero(steps == step).flatten().numpy())
+            for reader, steps in zip(self.readers, self._steps, strict=True)
+            if bool((steps == step).any())
+        ]
         if not parts:
             raise ValueError(f"no activations of step {step} in {[str(r.path) for r in self.readers]}")
         return concat_batches(parts)
@@ -372,6 +409,15 @@ class MemorySource:
 
 
 __all__ = [
-    "ActivationBatch", "ActivationSource", "MemorySource", "ShardInfo", "ShardReader", "ShardSet",
-    "concat_batches", "make_batch", "read_shard", "to_sae_inputs", "write_shard",
+    "ActivationBatch",
+    "ActivationSource",
+    "MemorySource",
+    "ShardInfo",
+    "ShardReader",
+    "ShardSet",
+    "concat_batches",
+    "make_batch",
+    "read_shard",
+    "to_sae_inputs",
+    "write_shard",
 ]

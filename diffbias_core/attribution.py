@@ -58,12 +58,16 @@ class AttributionConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("ig", "mean-diff", "random"):
-            raise ValueError(f"AttributionConfig.method must be 'ig', 'mean-diff' or 'random', got {self.method!r}")
+            raise ValueError(
+                f"AttributionConfig.method must be 'ig', 'mean-diff' or 'random', got {self.method!r}"
+            )
         if self.baseline not in ("paired", "zero"):
             raise ValueError(f"AttributionConfig.baseline must be 'paired' or 'zero', got {self.baseline!r}")
         for name in ("top_k", "points"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"AttributionConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"AttributionConfig.{name} must be a positive integer, got {getattr(self, name)!r}"
+                )
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"AttributionConfig.temperature must be > 0, got {self.temperature!r}")
 
@@ -148,7 +152,7 @@ def _integrated_gradients(sae, probes, acts, target, step, config, base) -> IGRe
     grad = torch.zeros_like(delta).scatter_(1, indices[0].reshape(b * p, -1), grad_w.reshape(b * p, -1))
     ends = torch.stack([error + sae.decode(code), base_error + sae.decode_sparse(base_idx, base_val)
                         + sae.b_dec_flat])  # (2, B, P, n): x and the baseline  # fmt: skip
-    f = (probes.logits(_acts(sae, ends.reshape(2 * b, p, n), probes.row_shape), step) / config.temperature)
+    f = probes.logits(_acts(sae, ends.reshape(2 * b, p, n), probes.row_shape), step) / config.temperature
     f = f.softmax(-1).gather(1, target.repeat(2)[:, None]).reshape(2, b)
     return IGResult((grad * delta).reshape(b, p, latents).sum(1), error_ig,
                     (grad * delta.abs()).reshape(b, p, latents).sum(1), f[0], f[1])  # fmt: skip
@@ -193,7 +197,9 @@ def ig_scores(sae: SparseAutoencoder, probes: StepProbes, source: ActivationSour
                 share = (share / share.sum(1, keepdim=True)).to(sae.device)  # (b, G)
                 rows = torch.where(rows >= 0, rows, rows[:, :1])
                 base = (batch.activations[rows].to(sae.device, sae.dtype), share)  # (b, G, *row_shape)
-            result = integrated_gradients(sae, probes, acts, batch.label[part].to(sae.device), step, config, base)
+            result = integrated_gradients(
+                sae, probes, acts, batch.label[part].to(sae.device), step, config, base
+            )
             scores.index_add_(0, batch.label[part].to(scores.device), result.score.double().cpu())
             latent_ig += float(result.latents.abs().sum())
             error_ig += float(result.error.abs().sum())
@@ -219,7 +225,9 @@ def mean_diff_scores(sae: SparseAutoencoder, source: ActivationSource,
             code = sae.encode(_rows(sae, batch.activations.to(sae.device)))  # (b, P, k)
             b, p, k = code.indices.shape
             dense = torch.zeros(b, sae.num_latents, dtype=torch.float64, device=code.values.device)
-            dense.scatter_add_(1, code.indices.reshape(b, p * k), code.values.reshape(b, p * k).double())  # (b, L)
+            dense.scatter_add_(
+                1, code.indices.reshape(b, p * k), code.values.reshape(b, p * k).double()
+            )  # (b, L)
             sums.index_add_(0, batch.label, dense.cpu())
             counts.index_add_(0, batch.label, torch.full((b,), float(p), dtype=torch.float64))
             if progress is not None:
@@ -231,18 +239,24 @@ def mean_diff_scores(sae: SparseAutoencoder, source: ActivationSource,
 
 def random_scores(num_latents: int, classes: int, seed: int) -> Tensor:
     """(classes, L) seeded random scores: the random-feature control."""
-    return torch.rand(classes, num_latents, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.rand(
+        classes, num_latents, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 def check_classes(source: ActivationSource) -> None:
     """Raise ValueError unless the source names >= 2 classes and every class has activations."""
     if len(source.classes) < 2:
-        raise ValueError(f"attribution needs at least two classes, the activations name {list(source.classes)}")
+        raise ValueError(
+            f"attribution needs at least two classes, the activations name {list(source.classes)}"
+        )
     counts = torch.bincount(source.column("label").clamp_min(-1) + 1, minlength=len(source.classes) + 1)[1:]
     empty = [name for name, count in zip(source.classes, counts.tolist(), strict=True) if count == 0]
     if empty:
-        raise ValueError(f"class {empty[0]!r} has no activations (classes {list(source.classes)}); "
-                         "generate images for every class")
+        raise ValueError(
+            f"class {empty[0]!r} has no activations (classes {list(source.classes)}); "
+            "generate images for every class"
+        )
 
 
 def attribute(sae: SparseAutoencoder, source: ActivationSource, config: AttributionConfig = AttributionConfig(),
@@ -255,7 +269,9 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
     """
     sae.check_width(source.row_shape[0], "activations")
     if sae.hook != source.hook and "unknown" not in (sae.hook, source.hook):
-        raise ValueError(f"the SAE was trained on hook {sae.hook!r}, the activations are from hook {source.hook!r}")
+        raise ValueError(
+            f"the SAE was trained on hook {sae.hook!r}, the activations are from hook {source.hook!r}"
+        )
     check_classes(source)
     facts = {"method": config.method, "steps": ",".join(map(str, source.steps())),
              "activations": str(source.num_rows)}  # fmt: skip
@@ -264,8 +280,10 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
             raise ValueError("the 'ig' method needs per-step probes (fit_probes); 'mean-diff' does not")
         probes.check(source.hook, source.row_shape)
         if probes.classes != source.classes:
-            raise ValueError(f"the probes predict classes {list(probes.classes)}, the activations name "
-                             f"{list(source.classes)}")
+            raise ValueError(
+                f"the probes predict classes {list(probes.classes)}, the activations name "
+                f"{list(source.classes)}"
+            )
         scores, more = ig_scores(sae, probes, source, config, progress)
         facts.update(more)
     elif config.method == "mean-diff":
@@ -281,5 +299,13 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
     return FeatureSet(source.classes, ids, values, sae.fingerprint(), sae.hook, config.method, facts)
 
 
-__all__ = ["AttributionConfig", "IGResult", "attribute", "check_classes", "ig_scores", "integrated_gradients",
-           "mean_diff_scores", "random_scores"]
+__all__ = [
+    "AttributionConfig",
+    "IGResult",
+    "attribute",
+    "check_classes",
+    "ig_scores",
+    "integrated_gradients",
+    "mean_diff_scores",
+    "random_scores",
+]

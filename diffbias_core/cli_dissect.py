@@ -41,26 +41,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup-steps", type=int, default=1000, help="learning-rate warm-up steps")
     train.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK loss weight (0 disables it)")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
-    train.add_argument("--kernel-size", type=int, default=1, help="1: per-position codes; K: one code per KxK map")
+    train.add_argument(
+        "--kernel-size", type=int, default=1, help="1: per-position codes; K: one code per KxK map"
+    )
     train.add_argument("--model-family", default="unknown", help="model family recorded in the SAE file")
     train.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     train.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUT with .ckpt)")
-    train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
+    train.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)"
+    )
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     train.set_defaults(run=train_command)
 
     attr = subparsers.add_parser("attribute", help="rank the SAE features of each class of labelled shards",
                                  description=attribute_command.__doc__)  # fmt: skip
-    attr.add_argument("shards", nargs="+", type=Path, metavar="SHARD", help="labelled, paired activation shards")
+    attr.add_argument(
+        "shards", nargs="+", type=Path, metavar="SHARD", help="labelled, paired activation shards"
+    )
     attr.add_argument("--sae", type=Path, required=True, help="SAE file or folder")
     attr.add_argument("--out", type=Path, required=True, help="feature-set file to write")
-    attr.add_argument("--method", choices=("ig", "mean-diff", "random"), default="ig", help="ranking (default ig)")
+    attr.add_argument(
+        "--method", choices=("ig", "mean-diff", "random"), default="ig", help="ranking (default ig)"
+    )
     attr.add_argument("--baseline", choices=("paired", "zero"), default="paired", help="IG baseline")
     attr.add_argument("--top-k", type=int, default=100, help="features kept per class (default 100)")
     attr.add_argument("--points", type=int, default=16, help="IG interpolation points (default 16)")
-    attr.add_argument("--temperature", type=float, default=1000.0, help="probe softmax temperature (default 1000)")
+    attr.add_argument(
+        "--temperature", type=float, default=1000.0, help="probe softmax temperature (default 1000)"
+    )
     attr.add_argument("--probe-iterations", type=int, default=100, help="L-BFGS iterations per probe")
-    attr.add_argument("--holdout", type=float, default=0.25, help="share of samples held out for probe accuracy")
+    attr.add_argument(
+        "--holdout", type=float, default=0.25, help="share of samples held out for probe accuracy"
+    )
     attr.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the random control")
     attr.set_defaults(run=attribute_command)
 
@@ -83,10 +95,15 @@ def train_command(args: argparse.Namespace) -> int:
     rank, world = ddp.world()
     rows = shards.num_rows * rows_per_activation(shards.row_shape, args.kernel_size)  # SAE rows per pass
     if args.steps:  # enough passes to reach the step count
-        config = dataclasses.replace(config, epochs=max(1, math.ceil(args.steps * args.batch_size * world / max(rows, 1))))
+        config = dataclasses.replace(
+            config, epochs=max(1, math.ceil(args.steps * args.batch_size * world / max(rows, 1)))
+        )
     total = args.steps or max(1, math.ceil(rows * config.epochs / (args.batch_size * world)))
-    checkpoint = args.checkpoint or args.out.with_name(f"{args.out.stem}.ckpt{args.out.suffix or '.safetensors'}")
+    checkpoint = args.checkpoint or args.out.with_name(
+        f"{args.out.stem}.ckpt{args.out.suffix or '.safetensors'}"
+    )
     with Progress(total, "train-sae", enabled=rank == 0) as bar:
+
         def progress(stats) -> None:
             bar.desc = f"train fvu {stats.fvu:.4f}"
             bar.update(stats.step - bar.done)
@@ -103,8 +120,10 @@ def train_command(args: argparse.Namespace) -> int:
             return _fail(str(error))
     if rank == 0:
         s = result.stats
-        print(f"trained {s.step} steps on {s.rows} rows ({s.skipped} non-finite rows skipped) in {world} "
-              f"process(es): FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%")
+        print(
+            f"trained {s.step} steps on {s.rows} rows ({s.skipped} non-finite rows skipped) in {world} "
+            f"process(es): FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%"
+        )
         print(f"wrote {args.out} (checkpoint {checkpoint}, state {state_path(checkpoint).name})")
     return 0
 
@@ -128,13 +147,20 @@ def attribute_command(args: argparse.Namespace) -> int:
                                             probes.train_accuracy.tolist(), strict=True):  # fmt: skip
                 print(f"{step:4d}  {acc:17.3f}  {train_acc:14.3f}")
         with Progress(1, f"attribute ({config.method})") as bar:
+
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.done)
 
             features = attribute(sae, shards, config, probes, progress=progress)
-        features = dataclasses.replace(features, provenance={**features.provenance, "sae": args.sae.name,
-                                                             "shards": ",".join(p.name for p in args.shards)})
+        features = dataclasses.replace(
+            features,
+            provenance={
+                **features.provenance,
+                "sae": args.sae.name,
+                "shards": ",".join(p.name for p in args.shards),
+            },
+        )
         save_features(features, args.out)
     except (ValueError, OSError, FormatError) as error:
         return _fail(str(error))

@@ -30,13 +30,19 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise KeyError(f"{type(model).__name__} has no sub-module {name!r}; its modules are: {shown}") from None
+        raise KeyError(
+            f"{type(model).__name__} has no sub-module {name!r}; its modules are: {shown}"
+        ) from None
 
 
 def _select(output, index: int, module_name: str) -> Tensor:
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, (tuple, list)) and -len(output) <= index < len(output) and isinstance(output[index], Tensor):
+    if (
+        isinstance(output, (tuple, list))
+        and -len(output) <= index < len(output)
+        and isinstance(output[index], Tensor)
+    ):
         return output[index]
     raise TypeError(
         f"module {module_name!r} returned {type(output).__name__}; expected a tensor or a tuple with a tensor "
@@ -109,7 +115,9 @@ def edit_outputs(
         edited = fn(h)
         if not isinstance(edited, Tensor) or edited.shape != h.shape:
             found = tuple(edited.shape) if isinstance(edited, Tensor) else type(edited).__name__
-            raise ValueError(f"edit of module {name!r} must return a tensor of shape {tuple(h.shape)}, got {found}")
+            raise ValueError(
+                f"edit of module {name!r} must return a tensor of shape {tuple(h.shape)}, got {found}"
+            )
         if isinstance(output, Tensor):
             return edited
         items = list(output)

@@ -99,9 +99,13 @@ class StepProbes:
         """Index into :attr:`steps` of every step given; ValueError for a step without a probe."""
         step = torch.as_tensor(step, dtype=torch.int64).cpu()
         position = torch.searchsorted(self.steps, step).clamp_max(len(self.steps) - 1)
-        missing = step[self.steps[position] != step] if step.ndim else step[None][self.steps[position] != step]
+        missing = (
+            step[self.steps[position] != step] if step.ndim else step[None][self.steps[position] != step]
+        )
         if missing.numel():
-            raise ValueError(f"no probe for step {int(missing[0])}; probes exist for steps {self.steps.tolist()}")
+            raise ValueError(
+                f"no probe for step {int(missing[0])}; probes exist for steps {self.steps.tolist()}"
+            )
         return position
 
 
@@ -123,8 +127,14 @@ def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig) -> tup
 
     with torch.enable_grad():
         if config.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS([weight, bias], lr=config.lr or 1.0, max_iter=config.iterations,
-                                    line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+            opt = torch.optim.LBFGS(
+                [weight, bias],
+                lr=config.lr or 1.0,
+                max_iter=config.iterations,
+                line_search_fn="strong_wolfe",
+                tolerance_grad=1e-9,
+                tolerance_change=1e-12,
+            )
 
             def closure() -> Tensor:
                 opt.zero_grad()
@@ -161,7 +171,9 @@ def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], conf
     train_labels = y[~test].unique().tolist()
     if len(train_labels) < 2:
         present = [classes[i] for i in train_labels]
-        raise ValueError(f"step {step}: the probe needs training activations of at least two classes, found {present}")
+        raise ValueError(
+            f"step {step}: the probe needs training activations of at least two classes, found {present}"
+        )
     weight, bias = fit_logistic(x[~test], y[~test], len(classes), config)
     predicted = (x @ weight.T + bias).argmax(1)
     correct = predicted == y

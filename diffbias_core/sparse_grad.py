@@ -30,7 +30,9 @@ def scatter_rows(indices: Tensor, coef: Tensor, rhs: Tensor, num_rows: int) -> T
     crow[1:] = torch.bincount(flat, minlength=num_rows).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        matrix = torch.sparse_csr_tensor(crow, columns, coef.reshape(-1)[order].to(rhs.dtype), (num_rows, rows))
+        matrix = torch.sparse_csr_tensor(
+            crow, columns, coef.reshape(-1)[order].to(rhs.dtype), (num_rows, rows)
+        )
         return matrix @ rhs
 
 
@@ -90,7 +92,9 @@ class _SparseDecode(torch.autograd.Function):
                 leaf = values.detach().requires_grad_()
                 out = F.embedding_bag(indices, weight.detach(), per_sample_weights=leaf, mode="sum")
                 (grad_values,) = torch.autograd.grad(out, leaf, grad)
-        grad_weight = scatter_rows(indices, values, grad, weight.shape[0]) if ctx.needs_input_grad[2] else None
+        grad_weight = (
+            scatter_rows(indices, values, grad, weight.shape[0]) if ctx.needs_input_grad[2] else None
+        )
         return None, grad_values, grad_weight
 
 

@@ -36,12 +36,19 @@ def state_path(path: str | PathLike[str]) -> Path:
 def write_current(trainer: SaeTrainer, path: str | PathLike[str]) -> None:
     """Write the trainer's current weights as a native SAE file (atomically)."""
     sae = trainer.sae
-    current = SparseAutoencoder.from_weights(*(p.detach() for p in trainer.params), sae.k, hook=sae.hook,
-                                             model_family=sae.model_family, provenance=trainer.provenance())
+    current = SparseAutoencoder.from_weights(
+        *(p.detach() for p in trainer.params),
+        sae.k,
+        hook=sae.hook,
+        model_family=sae.model_family,
+        provenance=trainer.provenance(),
+    )
     save_sae(current, path)
 
 
-def save_checkpoint(trainer: SaeTrainer, path: str | PathLike[str], extra: dict[str, str] | None = None) -> None:
+def save_checkpoint(
+    trainer: SaeTrainer, path: str | PathLike[str], extra: dict[str, str] | None = None
+) -> None:
     """Write a resumable checkpoint (process 0 only). ``extra``: strings to keep (e.g. a data position)."""
     if ddp.world()[0] != 0:
         return
@@ -55,7 +62,7 @@ def save_checkpoint(trainer: SaeTrainer, path: str | PathLike[str], extra: dict[
     tensors["rows_since_fired"] = trainer.rows_since_fired
     tensors["generator"] = trainer.generator.get_state()
     if trainer.buffer is not None and trainer.fill:
-        tensors["buffer"] = trainer.buffer[:trainer.fill]
+        tensors["buffer"] = trainer.buffer[: trainer.fill]
     sae, run = trainer.sae, trainer.run
     metadata = {
         "format": STATE_FORMAT, "format_version": str(STATE_VERSION),
@@ -64,7 +71,9 @@ def save_checkpoint(trainer: SaeTrainer, path: str | PathLike[str], extra: dict[
         "run": json.dumps({name: getattr(run, name) for name in _RUN_FIELDS}),
         "initialized": str(run.initialized), "extra": json.dumps(run.extra),
     }  # fmt: skip
-    write_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata, state_path(path))
+    write_safetensors(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata, state_path(path)
+    )
     write_current(trainer, path)
 
 
@@ -96,8 +105,10 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
 
     saved_steps = json.loads(sae_metadata(path).get("provenance", "{}")).get("steps")
     if saved_steps != str(run["step"]):
-        raise FormatError(f"{path}: the SAE file is at step {saved_steps} but {sidecar.name} at {run['step']}; "
-                          "the checkpoint was interrupted while being written")
+        raise FormatError(
+            f"{path}: the SAE file is at step {saved_steps} but {sidecar.name} at {run['step']}; "
+            "the checkpoint was interrupted while being written"
+        )
     dev = trainer.sae.device
     with torch.no_grad():
         for name, p in zip(_PARAMS, trainer.params, strict=True):
@@ -120,7 +131,7 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
             rows = tensors["buffer"]
             trainer.buffer = torch.empty(trainer.capacity, trainer.sae.n_in, device=dev)
             trainer.fill = min(rows.shape[0], trainer.capacity)
-            trainer.buffer[:trainer.fill] = rows[:trainer.fill].to(dev)
+            trainer.buffer[: trainer.fill] = rows[: trainer.fill].to(dev)
     return trainer
 
 

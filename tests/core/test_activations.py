@@ -82,8 +82,12 @@ def test_select_step_gathers_across_shards(tmp_path):
 
 
 def test_optional_columns_default(tmp_path):
-    tensors = {"activations": torch.randn(3, 4), "step": torch.zeros(3, dtype=torch.int32),
-               "label": torch.zeros(3, dtype=torch.int64), "sample": torch.arange(3)}
+    tensors = {
+        "activations": torch.randn(3, 4),
+        "step": torch.zeros(3, dtype=torch.int32),
+        "label": torch.zeros(3, dtype=torch.int64),
+        "sample": torch.arange(3),
+    }
     write_safetensors(tensors, {"hook": "h", "classes": "a,b"}, tmp_path / "s.safetensors")
     batch, _ = read_shard(tmp_path / "s.safetensors")
     assert batch.step.dtype == torch.int64 and batch.cond.all() and batch.timestep.isnan().all()
@@ -100,8 +104,12 @@ def test_mixed_shards_are_refused_naming_both_files(tmp_path):
 
 
 def test_missing_tensor_and_length_mismatch_name_the_file(tmp_path):
-    good = {"activations": torch.randn(3, 4), "step": torch.zeros(3, dtype=torch.int64),
-            "label": torch.zeros(3, dtype=torch.int64), "sample": torch.arange(3)}
+    good = {
+        "activations": torch.randn(3, 4),
+        "step": torch.zeros(3, dtype=torch.int64),
+        "label": torch.zeros(3, dtype=torch.int64),
+        "sample": torch.arange(3),
+    }
     missing = dict(good)
     del missing["sample"]
     write_safetensors(missing, {"hook": "h"}, tmp_path / "missing.safetensors")
@@ -155,6 +163,12 @@ def test_to_sae_inputs_layouts():
 
 
 def test_metadata_is_recorded(tmp_path):
-    write_shard(tmp_path / "m.safetensors", _batch(), hook="h", classes=["a", "b"], metadata={"prompts": json.dumps(["x"])})
+    write_shard(
+        tmp_path / "m.safetensors",
+        _batch(),
+        hook="h",
+        classes=["a", "b"],
+        metadata={"prompts": json.dumps(["x"])},
+    )
     _, info = read_shard(tmp_path / "m.safetensors")
     assert json.loads(info.metadata["prompts"]) == ["x"] and info.metadata["format"] == "diffbias.activations"

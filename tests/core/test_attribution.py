@@ -32,6 +32,7 @@ def _random_setup(seed=0, width=6, size=2, latents=20, k=3, classes=3):
 
 def _naive_ig(sae, probes, acts, base, target, step, points, temperature):
     """One interpolation point at a time, dense latents, autograd per point."""
+
     def dense(x):  # (P, n) -> (P, L) TopK latents, error
         code = sae.encode(x)
         z = torch.zeros(x.shape[0], sae.num_latents, dtype=x.dtype).scatter(1, code.indices, code.values)
@@ -39,11 +40,11 @@ def _naive_ig(sae, probes, acts, base, target, step, points, temperature):
 
     out = []
     for i in range(acts.shape[0]):
-        z, err = dense(sae.map_to_inputs(acts[i:i + 1])[0])
+        z, err = dense(sae.map_to_inputs(acts[i : i + 1])[0])
         if base is None:
             z0, err0 = torch.zeros_like(z), err
         else:
-            pairs = [dense(sae.map_to_inputs(base[0][i, j:j + 1])[0]) for j in range(base[0].shape[1])]
+            pairs = [dense(sae.map_to_inputs(base[0][i, j : j + 1])[0]) for j in range(base[0].shape[1])]
             z0 = sum(w * zz for w, (zz, _) in zip(base[1][i], pairs, strict=True))
             err0 = sum(w * ee for w, (_, ee) in zip(base[1][i], pairs, strict=True))
         grads_z, grads_e = [], []
@@ -80,7 +81,9 @@ def test_ig_completeness_within_the_riemann_error(paired):
     base = base if paired else None
     gaps = []
     for points in (2, 64):
-        r = integrated_gradients(sae, probes, acts, target, 0, AttributionConfig(points=points, temperature=1.0), base)
+        r = integrated_gradients(
+            sae, probes, acts, target, 0, AttributionConfig(points=points, temperature=1.0), base
+        )
         gaps.append((r.latents.sum(1) + r.error - (r.f_actual - r.f_baseline)).abs())
     total = (r.f_actual - r.f_baseline).abs()
     assert (gaps[1] <= 2e-3 * total.max() + 1e-9).all(), (gaps, total)
@@ -97,7 +100,9 @@ def test_reconstruction_error_is_kept_so_the_probe_sees_real_activations(planted
     probes = fit_probes(source, ProbeConfig(iterations=50))
     class_span = torch.linalg.qr(problem.dictionary[:4].T).Q  # (width, 4)
     background = problem.dictionary[4:] - problem.dictionary[4:] @ class_span @ class_span.T
-    blind = planted.oracle_sae(background / background.norm(dim=1, keepdim=True), k=2)  # blind to the class atoms
+    blind = planted.oracle_sae(
+        background / background.norm(dim=1, keepdim=True), k=2
+    )  # blind to the class atoms
     batch = source.select_step(0)
     first, second = batch.select(batch.label == 0), batch.select(batch.label == 1)  # pairs, in sample order
     assert torch.equal(first.sample, second.sample)
@@ -107,7 +112,10 @@ def test_reconstruction_error_is_kept_so_the_probe_sees_real_activations(planted
     probes64 = StepProbes(probes.steps, probes.weight.double(), probes.bias.double(), classes=probes.classes,
                           hook=probes.hook, row_shape=probes.row_shape, accuracy=probes.accuracy,
                           train_accuracy=probes.train_accuracy)  # fmt: skip
-    result = integrated_gradients(blind, probes64, acts, target, 0, AttributionConfig(temperature=1.0), partners)
+    result = integrated_gradients(
+        blind, probes64, acts, target, 0, AttributionConfig(temperature=1.0), partners
+    )
+
     def prob(h):
         return probes64.logits(h, 0).softmax(-1).gather(1, target[:, None])[:, 0]
 
@@ -145,12 +153,16 @@ def _precision(features, class_atoms):
     (4, 3, 2, 32, 24, 0.1),
 ])  # fmt: skip
 def test_planted_class_atoms_are_ranked_first(planted, seed, classes, per_class, width, atoms, noise):
-    problem = planted.planted_maps(seed, width=width, atoms=atoms, classes=classes, per_class=per_class, noise=noise)
+    problem = planted.planted_maps(
+        seed, width=width, atoms=atoms, classes=classes, per_class=per_class, noise=noise
+    )
     sae = planted.oracle_sae(problem.dictionary, k=2 + per_class)
     source = MemorySource(problem.batch, hook="test.hook", classes=problem.classes)
     probes = fit_probes(source, ProbeConfig(iterations=50))
     for method, baseline in (("ig", "paired"), ("ig", "zero"), ("mean-diff", "paired")):
-        features = attribute(sae, source, AttributionConfig(method=method, baseline=baseline, top_k=per_class), probes)
+        features = attribute(
+            sae, source, AttributionConfig(method=method, baseline=baseline, top_k=per_class), probes
+        )
         assert _precision(features, problem.class_atoms) >= 0.9, (method, baseline, features.ids)
         assert features.method == method and features.sae_fingerprint == sae.fingerprint()
     control = attribute(sae, source, AttributionConfig(method="random", top_k=per_class, seed=seed))
@@ -161,25 +173,33 @@ def test_planted_class_atoms_are_ranked_first(planted, seed, classes, per_class,
 def test_trained_sae_attribution_end_to_end(planted, tmp_path):
     problem = planted.planted_maps(5, samples=150, steps=2, noise=0.02)
     source = MemorySource(problem.batch, hook="test.hook", classes=problem.classes)
-    config = TrainConfig(num_latents=40, k=4, batch_size=256, lr=1e-2, warmup_steps=5, epochs=25, dead_after_rows=2000)
+    config = TrainConfig(
+        num_latents=40, k=4, batch_size=256, lr=1e-2, warmup_steps=5, epochs=25, dead_after_rows=2000
+    )
     sae = train_sae(source, config).sae
     rows = sae.w_dec_flat.detach() / sae.w_dec_flat.detach().norm(dim=1, keepdim=True)  # (L, width)
     cosine = rows @ problem.dictionary.T  # (L, atoms)
     align = torch.stack([cosine[:, atoms].max(1).values for atoms in problem.class_atoms])  # (classes, L)
     probes = fit_probes(source, ProbeConfig(iterations=50))
     steps = []
-    ig = attribute(sae, source, AttributionConfig(top_k=2), probes, progress=lambda d, t: steps.append((d, t)))
+    ig = attribute(
+        sae, source, AttributionConfig(top_k=2), probes, progress=lambda d, t: steps.append((d, t))
+    )
     assert steps == [(1, 2), (2, 2)]
     top_align = {}
     for features in (ig, attribute(sae, source, AttributionConfig(method="mean-diff", top_k=2)),
                      attribute(sae, source, AttributionConfig(method="random", top_k=2))):  # fmt: skip
-        top_align[features.method] = torch.stack([align[c, features.ids[c]] for c in range(2)])  # (classes, 2)
+        top_align[features.method] = torch.stack(
+            [align[c, features.ids[c]] for c in range(2)]
+        )  # (classes, 2)
     # the best feature of each class is a learned copy of one of its planted atoms; random ones are not
     assert (top_align["ig"][:, 0] > 0.6).all() and (top_align["mean-diff"][:, 0] > 0.6).all(), top_align
     assert top_align["random"].mean() < top_align["ig"].mean() - 0.3
     save_features(ig, tmp_path / "f.safetensors")
     loaded = load_features(tmp_path / "f.safetensors")
-    assert loaded.classes == problem.classes and all(torch.equal(a, b) for a, b in zip(loaded.ids, ig.ids, strict=True))
+    assert loaded.classes == problem.classes and all(
+        torch.equal(a, b) for a, b in zip(loaded.ids, ig.ids, strict=True)
+    )
     assert float(loaded.provenance["error_share"]) < 0.5
 
 
@@ -192,14 +212,20 @@ def test_attribution_errors(planted):
     only_first = MemorySource(batch.select(batch.label == 0), hook="test.hook", classes=problem.classes)
     with pytest.raises(ValueError, match="class 'class1' has no activations"):
         attribute(sae, only_first, AttributionConfig(method="mean-diff"))
-    unpaired = MemorySource(batch._replace(sample=torch.arange(batch.num_rows)), hook="test.hook", classes=problem.classes)
-    with pytest.raises(ValueError, match="'class0' activation of sample 0 has no activation of another class"):
+    unpaired = MemorySource(
+        batch._replace(sample=torch.arange(batch.num_rows)), hook="test.hook", classes=problem.classes
+    )
+    with pytest.raises(
+        ValueError, match="'class0' activation of sample 0 has no activation of another class"
+    ):
         attribute(sae, unpaired, AttributionConfig(), probes)
     other_hook = MemorySource(batch, hook="unet.middle", classes=problem.classes)
     other_sae = planted.oracle_sae(problem.dictionary, k=4, hook="unet.middle")
     with pytest.raises(ValueError, match="fitted on hook 'test.hook'.*from hook 'unet.middle'"):
         attribute(other_sae, other_hook, AttributionConfig(), probes)
-    with pytest.raises(ValueError, match="trained on hook 'unet.middle', the activations are from hook 'test.hook'"):
+    with pytest.raises(
+        ValueError, match="trained on hook 'unet.middle', the activations are from hook 'test.hook'"
+    ):
         attribute(other_sae, source, AttributionConfig(), probes)
     wide = MemorySource(make_batch(torch.randn(4, 30, 2, 2), 0, label=torch.tensor([0, 1, 0, 1])), hook="test.hook",
                         classes=problem.classes)  # fmt: skip

@@ -40,17 +40,38 @@ def test_train_then_attribute_end_to_end(tmp_path, shards, capsys):
     assert sae.hook == "toy.mid" and sae.num_latents == 24 and sae.k == 4
     assert (tmp_path / "sae.ckpt.safetensors").exists() and (tmp_path / "sae.ckpt.state.safetensors").exists()
     feats = tmp_path / "features.safetensors"
-    assert _run(["attribute", "--sae", sae_path, *paths, "--top-k", 3, "--out", feats, "--probe-iterations", 30]) == 0
+    assert (
+        _run(["attribute", "--sae", sae_path, *paths, "--top-k", 3, "--out", feats, "--probe-iterations", 30])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "class0:" in out
     accuracy = [float(line.split()[1]) for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(accuracy) == 2 and min(accuracy) >= 0.9
     features = load_features(feats)
     features.check_matches(sae)
-    assert features.method == "ig" and features.classes == problem.classes and all(len(i) == 3 for i in features.ids)
+    assert (
+        features.method == "ig"
+        and features.classes == problem.classes
+        and all(len(i) == 3 for i in features.ids)
+    )
     assert features.provenance["shards"] == "acts0.safetensors,acts1.safetensors"
     for method in ("mean-diff", "random"):
-        assert _run(["attribute", "--sae", sae_path, *paths, "--method", method, "--out", tmp_path / f"{method}.safetensors"]) == 0
+        assert (
+            _run(
+                [
+                    "attribute",
+                    "--sae",
+                    sae_path,
+                    *paths,
+                    "--method",
+                    method,
+                    "--out",
+                    tmp_path / f"{method}.safetensors",
+                ]
+            )
+            == 0
+        )
         assert load_features(tmp_path / f"{method}.safetensors").method == method
 
 
@@ -71,10 +92,25 @@ def test_cli_errors_name_the_problem(tmp_path, shards, capsys):
     from diffbias_core.activations import make_batch
 
     write_shard(other, make_batch(torch.randn(3, 5), 0), hook="toy.mid")
-    assert _run(["train-sae", paths[0], other, "--latents", 8, "--k", 2, "--out", tmp_path / "x.safetensors"]) == 2
+    assert (
+        _run(["train-sae", paths[0], other, "--latents", 8, "--k", 2, "--out", tmp_path / "x.safetensors"])
+        == 2
+    )
     assert "shards disagree on row shape" in capsys.readouterr().err
     assert _run(["train-sae", paths[0], "--latents", 8, "--k", 9, "--out", tmp_path / "x.safetensors"]) == 2
     assert "k must be <= num_latents" in capsys.readouterr().err
-    assert _run(["attribute", "--sae", tmp_path / "missing.safetensors", *paths, "--out", tmp_path / "f.safetensors"]) == 2
+    assert (
+        _run(
+            [
+                "attribute",
+                "--sae",
+                tmp_path / "missing.safetensors",
+                *paths,
+                "--out",
+                tmp_path / "f.safetensors",
+            ]
+        )
+        == 2
+    )
     assert "missing.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "f.safetensors").exists()

@@ -12,7 +12,9 @@ from diffbias_core.formats import read_safetensors
 from diffbias_core.train import SaeTrainer, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = dict(num_latents=16, k=2, batch_size=64, buffer_batches=2, warmup_steps=2, lr=5e-3, dead_after_rows=200)
+CONFIG = dict(
+    num_latents=16, k=2, batch_size=64, buffer_batches=2, warmup_steps=2, lr=5e-3, dead_after_rows=200
+)
 SAME = {**CONFIG, "dead_after_rows": 10**9}  # dead counters advance by the global row count: keep AuxK out
 
 WORKER = textwrap.dedent(f"""

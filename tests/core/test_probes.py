@@ -17,19 +17,27 @@ def maps(planted):
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_probes_classify_held_out_samples(maps, optimizer):
     _, source = maps
-    probes = fit_probes(source, ProbeConfig(optimizer=optimizer, iterations=60 if optimizer == "lbfgs" else 300))
+    probes = fit_probes(
+        source, ProbeConfig(optimizer=optimizer, iterations=60 if optimizer == "lbfgs" else 300)
+    )
     assert probes.steps.tolist() == [0, 1, 2] and probes.weight.shape == (3, 3, 24 * 2 * 2)
     assert (probes.accuracy >= 0.9).all() and (probes.train_accuracy >= 0.95).all()
     # chance on shuffled labels: the accuracy measure can fail
     batch = source.batch
-    shuffled = batch._replace(label=batch.label[torch.randperm(batch.num_rows, generator=torch.Generator().manual_seed(0))])
+    shuffled = batch._replace(
+        label=batch.label[torch.randperm(batch.num_rows, generator=torch.Generator().manual_seed(0))]
+    )
     chance = fit_probes(MemorySource(shuffled, hook="test.hook", classes=source.classes))
     assert chance.accuracy.mean() < 0.7
 
 
 def test_fit_is_a_stationary_point_of_the_standardised_objective():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(60, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10, 0.1, 3, 1], dtype=torch.float64) + 4
+    x = (
+        torch.randn(60, 5, generator=g, dtype=torch.float64)
+        * torch.tensor([1.0, 10, 0.1, 3, 1], dtype=torch.float64)
+        + 4
+    )
     y = (x[:, 0] + 0.3 * torch.randn(60, generator=g, dtype=torch.float64) > 4).long()
     config = ProbeConfig(weight_decay=0.05)
     weight, bias = fit_logistic(x, y, 2, config)
@@ -47,7 +55,9 @@ def test_logits_per_row_steps_match_a_loop(maps):
     probes = fit_probes(source, ProbeConfig(iterations=20))
     batch = source.batch
     mixed = probes.logits(batch.activations, batch.step)
-    loop = torch.stack([probes.logits(batch.activations[i:i + 1], int(batch.step[i]))[0] for i in range(batch.num_rows)])
+    loop = torch.stack(
+        [probes.logits(batch.activations[i : i + 1], int(batch.step[i]))[0] for i in range(batch.num_rows)]
+    )
     torch.testing.assert_close(mixed, loop)
     flat = probes.logits(batch.activations.flatten(1), 1)
     torch.testing.assert_close(flat, probes.logits(batch.activations, 1))

@@ -100,7 +100,9 @@ def test_geometric_median_beats_the_mean_on_outliers():
 
 def test_encoder_scale_is_fitted_to_the_first_rows(planted):
     x, _ = planted.planted_rows(13, width=16, atoms=24, k=3, rows=512, noise=0.01)
-    trainer = SaeTrainer(TrainConfig(num_latents=32, k=3, batch_size=512, buffer_batches=1, lr=1e-12, warmup_steps=0), 16)
+    trainer = SaeTrainer(
+        TrainConfig(num_latents=32, k=3, batch_size=512, buffer_batches=1, lr=1e-12, warmup_steps=0), 16
+    )
     trainer.feed(x)  # one step at a negligible learning rate: the weights are the initial ones
     sae = trainer.sae
 
@@ -227,14 +229,28 @@ def test_kernel_sae_training_lowers_fvu():
 
 # ---------------------------------------------------------------------------------------------- files
 def _config(**kw):
-    return TrainConfig(**{"num_latents": 16, "k": 2, "batch_size": 64, "buffer_batches": 4, "warmup_steps": 3,
-                          "lr": 3e-3, "epochs": 2, "dead_after_rows": 300, "checkpoint_every": 4, **kw})
+    return TrainConfig(
+        **{
+            "num_latents": 16,
+            "k": 2,
+            "batch_size": 64,
+            "buffer_batches": 4,
+            "warmup_steps": 3,
+            "lr": 3e-3,
+            "epochs": 2,
+            "dead_after_rows": 300,
+            "checkpoint_every": 4,
+            **kw,
+        }
+    )
 
 
 def test_resume_continues_identically(tmp_path, planted):
     x, _ = planted.planted_rows(9, width=8, atoms=12, k=2, rows=1_500, noise=0.01)
     source = _source(x)
-    full = train_sae(source, _config(), checkpoint=tmp_path / "full.safetensors", out=tmp_path / "full_best.safetensors")
+    full = train_sae(
+        source, _config(), checkpoint=tmp_path / "full.safetensors", out=tmp_path / "full_best.safetensors"
+    )
     steps = []
     first = train_sae(source, _config(), checkpoint=tmp_path / "part.safetensors",
                       progress=lambda s: steps.append(s.step), stop=lambda: len(steps) >= 17)  # fmt: skip
@@ -244,8 +260,12 @@ def test_resume_continues_identically(tmp_path, planted):
     assert rest.stats.step == full.stats.step and rest.stats.rows == full.stats.rows
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         for a, b in (("full", "part"), ("full_best", "part_best")):
-            torch.testing.assert_close(getattr(load_sae(tmp_path / f"{a}.safetensors"), name),
-                                       getattr(load_sae(tmp_path / f"{b}.safetensors"), name), rtol=0, atol=0)
+            torch.testing.assert_close(
+                getattr(load_sae(tmp_path / f"{a}.safetensors"), name),
+                getattr(load_sae(tmp_path / f"{b}.safetensors"), name),
+                rtol=0,
+                atol=0,
+            )
 
 
 def test_interrupted_training_leaves_valid_files(tmp_path, planted):
@@ -261,7 +281,11 @@ def test_interrupted_training_leaves_valid_files(tmp_path, planted):
     sae = load_sae(tmp_path / "sae.safetensors")
     assert sae.provenance["steps"] == "5" and sae.hook == "test.hook"
     assert load_checkpoint(tmp_path / "ck.safetensors").run.step == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.safetensors", "ck.state.safetensors", "sae.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ck.safetensors",
+        "ck.state.safetensors",
+        "sae.safetensors",
+    ]
 
 
 def test_checkpoint_errors(tmp_path, planted):
