@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps} steps of {args.batch_size} rows, d_in {args.d_in}, {args.latents} latents, k {args.k}, "
         f"{args.threads} thread(s)"
     )
-    print(f"ours      {figures['ours_tokens_per_s']:10.0f} tokens/s   held-out FVU {our_fvu:.4f}")
-    print(f"{name:<9} {figures['reference_tokens_per_s']:10.0f} tokens/s   held-out FVU {other_fvu:.4f}")
+    print(f"{'ours':<{len(name)}} {figures['ours_tokens_per_s']:10.0f} tokens/s   held-out FVU {our_fvu:.4f}")
+    print(f"{name} {figures['reference_tokens_per_s']:10.0f} tokens/s   held-out FVU {other_fvu:.4f}")
     print(
         f"ratios ours / {name}: speed {figures['speed_ratio']:.2f}x (goal >= 1), FVU {figures['fvu_ratio']:.3f} "
         "(goal <= 1.05)"

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import distributed as ddp
 from .activations import ActivationSource, to_sae_inputs
 from .sae import SparseAutoencoder
-from .sparse_grad import encoder_pre, gather_encode, sparse_decode
+from .sparse_grad import encoder_pre, gather_encode, row_plan, sparse_decode
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,8 @@ class SaeTrainer:
         """
         sae, mode = self.sae, self.config.b_dec_init
         if mode != "zero":
-            center = geometric_median(rows) if mode == "geometric_median" else rows.mean(0)  # (n_in,)
+            sample = rows[: 4 * self.config.batch_size]  # plenty for a centre, and a bounded cost
+            center = geometric_median(sample) if mode == "geometric_median" else sample.mean(0)  # (n_in,)
             center = ddp.mean_(center.view(sae.d_in, -1).mean(1))  # (d_in,): mean over kernel positions
             sae.b_dec.data.copy_(center)
         with torch.no_grad():
@@ -370,8 +371,9 @@ class SaeTrainer:
         sae_in = x - sae.b_dec_flat
         pre = encoder_pre(sae_in, w_enc, sae.b_enc)  # (B, L), no autograd
         top_idx = pre.topk(cfg.k, dim=1, sorted=False).indices  # (B, k)
-        top_val = gather_encode(sae_in, w_enc, sae.b_enc, top_idx, pre)  # (B, k)
-        error = x - (sparse_decode(top_idx, top_val, w_dec) + sae.b_dec_flat)  # (B, n_in)
+        plan = row_plan(top_idx, cfg.num_latents)  # one sort serves the encoder and decoder gradients
+        top_val = gather_encode(sae_in, w_enc, sae.b_enc, top_idx, pre, plan)  # (B, k)
+        error = x - (sparse_decode(top_idx, top_val, w_dec, plan) + sae.b_dec_flat)  # (B, n_in)
         total = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
         fvu = error.pow(2).sum() / total
         auxk = fvu.new_zeros(())
@@ -383,8 +385,11 @@ class SaeTrainer:
             aux_idx = (
                 pre.masked_fill(~dead, -math.inf).topk(min(k_aux, num_dead), dim=1, sorted=False).indices
             )
-            aux_val = gather_encode(sae_in, w_enc, sae.b_enc, aux_idx, pre)  # (B, k_aux)
-            residual = sparse_decode(aux_idx, aux_val, w_dec)  # (B, n_in), no bias: it predicts the error
+            aux_plan = row_plan(aux_idx, cfg.num_latents)
+            aux_val = gather_encode(sae_in, w_enc, sae.b_enc, aux_idx, pre, aux_plan)  # (B, k_aux)
+            residual = sparse_decode(
+                aux_idx, aux_val, w_dec, aux_plan
+            )  # (B, n_in), no bias: predicts the error
             auxk = scale * (residual - error.detach()).pow(2).sum() / total
         return fvu, auxk, top_idx, top_val.detach()
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from diffbias_core.activations import MemorySource, make_batch
 from diffbias_core.formats import FormatError, load_sae
 from diffbias_core.sae import fvu
-from diffbias_core.sparse_grad import encoder_pre, gather_encode, scatter_rows, sparse_decode
+from diffbias_core.sparse_grad import encoder_pre, gather_encode, row_plan, scatter_rows, sparse_decode
 from diffbias_core.train import (
     SaeTrainer,
     TrainConfig,
@@ -27,8 +27,9 @@ def _source(x, hook="test.hook"):
 
 # ---------------------------------------------------------------------------------------------- math
 @settings(max_examples=20, deadline=None)
-@given(rows=st.integers(1, 12), latents=st.integers(4, 30), width=st.integers(1, 9), seed=st.integers(0, 99))
-def test_sparse_backward_matches_dense_autograd(rows, latents, width, seed):
+@given(rows=st.integers(1, 12), latents=st.integers(4, 30), width=st.integers(1, 9), seed=st.integers(0, 99),
+       shared=st.booleans())  # fmt: skip
+def test_sparse_backward_matches_dense_autograd(rows, latents, width, seed, shared):
     g = torch.Generator().manual_seed(seed)
     k = min(3, latents)
     x, w_enc, b_enc, w_dec = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
@@ -36,7 +37,8 @@ def test_sparse_backward_matches_dense_autograd(rows, latents, width, seed):
     target = torch.randn(rows, width, generator=g, dtype=torch.float64)
     pre = encoder_pre(x, w_enc, b_enc)
     idx = pre.topk(k, dim=1).indices
-    out = sparse_decode(idx, gather_encode(x, w_enc, b_enc, idx, pre), w_dec)
+    plan = row_plan(idx, latents) if shared else None
+    out = sparse_decode(idx, gather_encode(x, w_enc, b_enc, idx, pre, plan), w_dec, plan)
     (out - target).pow(2).sum().backward()
     ours = [t.grad.clone() for t in (x, w_enc, b_enc, w_dec)]
     for t in (x, w_enc, b_enc, w_dec):
@@ -56,7 +58,7 @@ def test_scatter_rows_matches_loop():
     for r in range(5):
         for j in range(3):
             ref[idx[r, j]] += coef[r, j] * rhs[r]
-    torch.testing.assert_close(scatter_rows(idx, coef, rhs, 9), ref)
+    torch.testing.assert_close(scatter_rows(row_plan(idx, 9), coef, rhs), ref)
 
 
 def test_parallel_gradient_removal_matches_naive_projection():
