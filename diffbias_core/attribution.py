@@ -105,10 +105,11 @@ def integrated_gradients(sae: SparseAutoencoder, probes: StepProbes, acts: Tenso
 
     target: (B,) class index per activation. base: (partner activations (B, G, *row_shape), weights (B, G)
     summing to 1 per row) whose weighted mean latents and error are the baseline; None: the zero baseline
-    (the error stays x's).
+    (the error stays x's). Works inside ``torch.inference_mode()``.
     """
-    with torch.no_grad():
-        return _integrated_gradients(sae, probes, acts, target, step, config, base)
+    with torch.inference_mode(False), torch.no_grad():  # leaves inference mode (a ComfyUI node) for autograd
+        base = None if base is None else (base[0].clone(), base[1].clone())
+        return _integrated_gradients(sae, probes, acts.clone(), target.clone(), step, config, base)
 
 
 def _integrated_gradients(sae, probes, acts, target, step, config, base) -> IGResult:

@@ -116,7 +116,15 @@ def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig) -> tuple[Tensor, Tensor]:
-    """Multiclass logistic regression on raw x: (N, F), y: (N,) -> weight (classes, F), bias (classes,)."""
+    """Multiclass logistic regression on raw x: (N, F), y: (N,) -> weight (classes, F), bias (classes,).
+
+    Works inside ``torch.inference_mode()`` (as in a ComfyUI node): the fit leaves it.
+    """
+    with torch.inference_mode(False):
+        return _fit_logistic(x.clone(), y.clone(), classes, config)
+
+
+def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig) -> tuple[Tensor, Tensor]:
     mean, std = _standardise(x)
     z = (x - mean) / std  # (N, F)
     weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
@@ -197,7 +205,8 @@ def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
         results.append(_fit_step(source.select_step(step), held, source.classes, config, step))
         if progress is not None:
             progress(i + 1, len(steps))
-    weight, bias, accuracy, train_accuracy = (torch.stack(parts) for parts in zip(*results, strict=True))
+    with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)
+        weight, bias, accuracy, train_accuracy = (torch.stack(parts) for parts in zip(*results, strict=True))
     return StepProbes(torch.tensor(steps, dtype=torch.int64), weight, bias, classes=source.classes,
                       hook=source.hook, row_shape=source.row_shape, accuracy=accuracy,
                       train_accuracy=train_accuracy)  # fmt: skip

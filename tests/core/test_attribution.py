@@ -203,6 +203,18 @@ def test_trained_sae_attribution_end_to_end(planted, tmp_path):
     assert float(loaded.provenance["error_share"]) < 0.5
 
 
+def test_probes_and_attribution_work_inside_inference_mode(planted):
+    problem = planted.planted_maps(8)
+    sae = planted.oracle_sae(problem.dictionary, k=4)
+    source = MemorySource(problem.batch, hook="test.hook", classes=problem.classes)
+    config, probe_config = AttributionConfig(top_k=4), ProbeConfig(iterations=20)
+    outside = attribute(sae, source, config, fit_probes(source, probe_config))
+    with torch.inference_mode():  # how ComfyUI runs a node
+        inside = attribute(sae, source, config, fit_probes(source, probe_config))
+    for a, b in zip(inside.scores, outside.scores, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_attribution_errors(planted):
     problem = planted.planted_maps(6)
     sae = planted.oracle_sae(problem.dictionary, k=4)
