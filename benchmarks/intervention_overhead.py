@@ -14,7 +14,8 @@ machine load hits them alike:
 
 Both edits: balance mode, two classes, 10 features per class, add 10, cond only (the defaults). Prints the
 median step time of each and the ratios patched / unpatched (goal: <= 1.03), in wall-clock time and in
-process CPU time (the latter is steadier on a machine shared with other jobs). ComfyUI is imported from
+process CPU time, and the cost of the hook alone with the ratio it implies (the steadiest figure on a
+machine shared with other jobs, where step times drift by more than the overhead). ComfyUI is imported from
 COMFYUI_PATH (with the repository's test stub for torchvision when torchvision is not installed).
 """
 
@@ -125,6 +126,20 @@ def timed(model, wall: list[float], cpu: list[float]):
     return clone
 
 
+def hook_seconds(patched, h, repeats: int) -> float:
+    """Median seconds of the installed intervention hook alone on h (2, C, H, W), cond + uncond rows."""
+    import torch
+
+    edit = patched.model_options["transformer_options"]["patches"]["output_block_patch"][0].fn
+    options = {"cond_or_uncond": [1, 0], "sigmas": torch.ones(1)}
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        edit(h, options)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:])
+
+
 def sample_once(model, positive, negative, latent_size: int, steps: int, seed: int) -> None:
     import comfy.sample
     import torch
@@ -204,6 +219,8 @@ def main() -> None:
                 f"({cpu[name][-1]:.3f} s CPU)",
                 flush=True,
             )
+    h = torch.randn(2, width, middle, middle, generator=generator)
+    hook = {name: hook_seconds(models[name], h, 20) for name in layouts}
     median = {name: statistics.median(values) for name, values in times.items()}
     median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     ratios = {name: median[name] / median["unpatched"] for name in models if name != "unpatched"}
@@ -217,6 +234,12 @@ def main() -> None:
             f"  ratio {ratios[name]:.4f} (CPU time ratio {cpu_ratios[name]:.4f})" if name in ratios else ""
         )
         print(f"  {name:10s} {median[name]:8.3f} s/step  {median_cpu[name]:8.3f} s CPU/step{extra}")
+    estimate = {name: 1 + hook[name] / median["unpatched"] for name in hook}
+    print(
+        f"the hook alone (median of 20 calls on the 2 x {width} x {middle} x {middle} bottleneck), the ratio it implies:"
+    )
+    for name in hook:
+        print(f"  {name:10s} {hook[name] * 1000:8.1f} ms/step  estimated ratio {estimate[name]:.4f}")
     if args.json:
         args.json.write_text(
             json.dumps(
