@@ -1,8 +1,8 @@
 """Where the plugin's files live: ComfyUI's ``models/sae`` folder (SAEs, and feature sets beside them).
 
-SAE entries are ``.safetensors`` files: native SAE files, or the weight file of a published layout folder
-(``sae.safetensors`` next to a ``cfg.json``: sparsify, DiffLens; ``sae_weights.safetensors``: SAELens),
-which loads its whole folder. Feature sets are ``<name>.features.safetensors`` files in the folder of the
+SAE entries are native SAE files (``name.safetensors``) and published layout folders (``name/``: a
+``cfg.json`` with ``sae.safetensors`` for sparsify and DiffLens, ``sae_weights.safetensors`` for SAELens),
+which load as a whole. Feature sets are ``<name>.features.safetensors`` files in the folder of the
 SAE they were made for; the SAE list leaves them out.
 """
 
@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import folder_paths
+
+from diffbias_core.formats import FormatError
+from diffbias_core.importers import WEIGHT_FILES, layout_folder
 
 SAE_FOLDER = "sae"
 """ComfyUI model folder name (``models/sae``)."""
@@ -43,9 +47,27 @@ def _entries() -> list[str]:
     )
 
 
+def _layout_label(entry: str) -> str | None:
+    """``folder/`` when ``entry`` is the weight file of a published layout folder, else None."""
+    folder, base = os.path.split(entry)
+    if not folder or base not in WEIGHT_FILES:
+        return None
+    path = folder_paths.get_full_path(SAE_FOLDER, entry)
+    try:
+        return folder + "/" if path is not None and layout_folder(Path(path)) is not None else None
+    except (FormatError, OSError):
+        return None
+
+
 def sae_choices() -> list[str]:
-    """SAE entries (relative names) for the Load SAE combo."""
-    return [name for name in _entries() if not name.endswith(FEATURES_SUFFIX)]
+    """SAE entries (relative names; layout folders end in ``/``) for the Load SAE combo."""
+    choices = []
+    for name in _entries():
+        if not name.endswith(FEATURES_SUFFIX):
+            label = _layout_label(name) or name
+            if label not in choices:
+                choices.append(label)
+    return choices
 
 
 def feature_choices() -> list[str]:
@@ -66,17 +88,24 @@ def missing_folder_message() -> str | None:
 
 
 def resolve(name: str, what: str = "SAE") -> str:
-    """Full path of a listed entry; FileNotFoundError saying where it was looked for and what to do."""
+    """Full path of a listed entry (a layout folder ``name/``: its weight file, which loads the folder);
+    FileNotFoundError saying where it was looked for and what to do."""
     missing = missing_folder_message()
     if missing is not None:
         raise FileNotFoundError(missing)
-    path = folder_paths.get_full_path(SAE_FOLDER, name)
-    if path is None:
-        raise FileNotFoundError(
-            f"{what} file {name!r} is not in the SAE folders {sae_folders()}; refresh the list (press 'r') "
-            "and pick an existing file"
-        )
-    return path
+    candidates = (
+        [os.path.join(name.rstrip("/"), weights) for weights in WEIGHT_FILES]
+        if name.endswith("/")
+        else [name]
+    )
+    for candidate in candidates:
+        path = folder_paths.get_full_path(SAE_FOLDER, candidate)
+        if path is not None:
+            return path
+    raise FileNotFoundError(
+        f"{what} {name!r} is not in the SAE folders {sae_folders()}; refresh the list (press 'r') and pick an "
+        "existing entry"
+    )
 
 
 def check_name(name: str, what: str) -> str:

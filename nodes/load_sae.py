@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 from diffbias_core import load_sae
 
 from . import files
+from .model_info import parse_hook
 from .wires import SaeType, SaeWire, describe_sae
 
 
@@ -28,8 +29,15 @@ class LoadSAE(io.ComfyNode):
                 io.Combo.Input(
                     "sae_name",
                     options=files.sae_choices(),
-                    tooltip="SAE file in ComfyUI/models/sae (subfolders included). A published layout is "
-                    "listed by its weight file and loads its whole folder.",
+                    tooltip="SAE in ComfyUI/models/sae (subfolders included): a native .safetensors file, or a "
+                    "published sparsify / SAELens / DiffLens folder (listed as 'name/').",
+                ),
+                io.String.Input(
+                    "hook_override",
+                    default="",
+                    optional=True,
+                    tooltip="Hook point to use instead of the one the file records, e.g. unet.output.1; empty = "
+                    "as recorded. Needed for sparsify and SAELens folders, which record none.",
                 ),
             ],
             outputs=[
@@ -72,17 +80,18 @@ class LoadSAE(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, sae_name: str) -> str:
+    def fingerprint_inputs(cls, sae_name: str, hook_override: str = "") -> str:
         try:
             path = files.resolve(sae_name)
-            return f"{path}:{os.path.getmtime(path)}"
+            return f"{path}:{os.path.getmtime(path)}:{hook_override}"
         except FileNotFoundError:
-            return sae_name
+            return f"{sae_name}:{hook_override}"
 
     @classmethod
-    def execute(cls, sae_name: str) -> io.NodeOutput:
+    def execute(cls, sae_name: str, hook_override: str = "") -> io.NodeOutput:
         path = files.resolve(sae_name)
-        sae = load_sae(path)
+        override = parse_hook(hook_override).name if hook_override.strip() else None
+        sae = load_sae(path, hook=override)
         text = f"{sae_name}: {describe_sae(sae)}"
         return io.NodeOutput(
             SaeWire(sae, path),

@@ -78,7 +78,8 @@ def parse_hook(text: str) -> HookPoint:
     if match is None:
         raise ValueError(
             f"hook point {text!r} is not one of 'unet.middle', 'unet.input.N', 'unet.output.N', "
-            "'dit.double.N', 'dit.single.N' (N a block number)"
+            "'dit.double.N', 'dit.single.N' (N a block number); for an imported SAE that records no hook point, "
+            "type it into Load Bias SAE's 'hook_override' input"
         )
     if match["mid"]:
         return HookPoint("unet.middle", "middle", 0)

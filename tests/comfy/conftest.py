@@ -90,7 +90,7 @@ def run_comfy_script(comfyui: str, script: str, *args: str, timeout: float = 900
 @pytest.fixture(scope="session")
 def server_base(tmp_path_factory, sd15_checkpoint) -> Path:
     """A ComfyUI base directory: the plugin in custom_nodes, the checkpoint, an SAE folder with test files."""
-    from .sae_files import write_error_files, write_example_files
+    from .sae_files import write_error_files, write_example_files, write_sparsify_folder
 
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
@@ -99,6 +99,7 @@ def server_base(tmp_path_factory, sd15_checkpoint) -> Path:
     (base / "models" / "checkpoints" / CHECKPOINT).symlink_to(sd15_checkpoint)
     write_example_files(base / "models" / "sae")
     write_error_files(base / "models" / "sae")
+    write_sparsify_folder(base / "models" / "sae")
     return base
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from diffbias_core import FeatureSet, SparseAutoencoder, save_features, save_sae
 
@@ -66,6 +68,36 @@ def write_error_files(folder: Path) -> None:
         sae = example_sae(seed=options.get("seed", 0), width=options.get("width", 1280))
         sae.hook = options.get("hook", sae.hook)
         save_sae(sae, folder / name)
+
+
+SPARSIFY_FOLDER = "sparsify_sd15"
+"""A folder in EleutherAI sparsify's layout (cfg.json + sae.safetensors) that records no hook point."""
+
+
+def write_sparsify_folder(folder: Path, width: int = 1280, latents: int = 256, k: int = 8) -> None:
+    """Write :data:`SPARSIFY_FOLDER` in ``folder`` (sparsify's tensor names, no diffbias metadata)."""
+    sae = example_sae(seed=5, width=width, latents=latents, k=k)
+    target = folder / SPARSIFY_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": latents // width or 1,
+        "normalize_decoder": True,
+        "num_latents": latents,
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": width,
+    }
+    (target / "cfg.json").write_text(json.dumps(cfg))
+    tensors = {
+        "encoder.weight": sae.W_enc.detach().clone(),
+        "encoder.bias": sae.b_enc.detach().clone(),
+        "W_dec": sae.W_dec.detach().clone(),
+        "b_dec": sae.b_dec.detach().clone(),
+    }
+    save_file(tensors, str(target / "sae.safetensors"))
 
 
 def write_example_files(folder: Path) -> None:

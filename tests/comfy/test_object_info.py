@@ -57,4 +57,23 @@ def test_sae_folder_is_listed(server):
     choices = info["input"]["required"]["sae_name"]
     options = choices[1].get("options", choices[0]) if len(choices) > 1 else choices[0]
     assert "sd15_hspace.safetensors" in options
+    assert "sparsify_sd15/" in options, "a published layout folder is listed as 'name/'"
+    assert "sparsify_sd15/sae.safetensors" not in options
     assert not [name for name in options if name.endswith(".features.safetensors")]
+
+
+def test_imported_folder_loads_with_a_hook_given(server):
+    from .comfy_server import execution_error
+
+    prompt = {
+        "1": {
+            "class_type": "DiffBiasLoadSAE",
+            "inputs": {"sae_name": "sparsify_sd15/", "hook_override": "unet.output.1"},
+        },
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 4]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
+    }
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert entry["outputs"]["2"]["text"] == ["unet.output.1"]
+    assert entry["outputs"]["3"]["text"] == ["1280"]
