@@ -253,6 +253,8 @@ def main() -> None:
                     "median_cpu": median_cpu,
                     "ratios": ratios,
                     "cpu_ratios": cpu_ratios,
+                    "hook_seconds": hook,
+                    "estimated_ratios": estimate,
                 },
                 indent=2,
             )
