@@ -284,7 +284,8 @@ class FeatureEdit(_SharedPatch):
     """The intervention hook function: edits the features of each row's target class.
 
     Row classes come from the :class:`RunState` that :class:`InterventionWrapper` put under
-    ``state_key``; unconditional rows (``cond_only``) and rows outside the sigma window are left bit for bit.
+    ``state_key``; unconditional chunks (``cond_only``) are not even encoded, and rows outside the sigma
+    window are left bit for bit.
     """
 
     def __init__(
@@ -329,11 +330,25 @@ class FeatureEdit(_SharedPatch):
     def __call__(self, h: Tensor, transformer_options: dict) -> Tensor:
         kinds = chunk_kinds(transformer_options)
         per = h.shape[0] // len(kinds)
+        edited = [i for i, kind in enumerate(kinds) if kind == 0 or not self.cond_only]
+        if not edited:  # only unconditional chunks in this call: nothing to do, nothing to encode
+            return h
+        if len(edited) == len(kinds):
+            return self._edit(h, len(kinds), transformer_options)
+        chunks = list(h.split(per))  # (per, ...) views; the chunks not edited are copied back as they are
+        done = self._edit(torch.cat([chunks[i] for i in edited]), len(edited), transformer_options)
+        for j, i in enumerate(edited):
+            chunks[i] = done[j * per : (j + 1) * per]
+        return torch.cat(chunks)
+
+    def _edit(self, h: Tensor, chunks: int, transformer_options: dict) -> Tensor:
+        """Edit every row of h: ``chunks`` stacked copies of the run's images."""
+        per = h.shape[0] // chunks
         state = transformer_options.get(self.state_key)
         if state is None:  # sampled without a guider run (no OUTER_SAMPLE): classes from the node's seed
             state = RunState(self.plan.classes(per, None), float("inf"), float("-inf"))
         sae, table = self._working(h.device, self._dtype or h.dtype)
-        rows = rows_for_images(state.image_class_on(h.device), kinds, h.shape[0], self.cond_only)  # (B,)
+        rows = rows_for_images(state.image_class_on(h.device), [0] * chunks, h.shape[0], False)  # (B,)
         sigmas = row_sigmas(transformer_options, h.shape[0])
         if sigmas is not None:
             active = (sigmas <= state.sigma_high) & (sigmas >= state.sigma_low)  # (B,)
