@@ -60,15 +60,15 @@ class DemoConfig:
     """Fine-tuning steps when ``skew`` is given."""
     pairs: int = 48
     """Attribution: initial noises per shape, each generated with every colour named (>= 4)."""
-    top_k: int = 10
+    top_k: int = 30
     """Features per class edited (and random features per class in the control)."""
     mode: str = "add"
     """Edit mode of the intervention (see EditSpec)."""
-    strength: float = 4.0
+    strength: float = 2.5
     """Edit strength (the amount added to each selected latent for mode "add")."""
-    others: str = "ablate"
+    others: str = "keep"
     """What happens to the other classes' selected features ("keep" or "ablate")."""
-    window: Window = field(default_factory=lambda: Window(0.0, 0.5))
+    window: Window = field(default_factory=lambda: Window(0.1, 0.9))
     """Fraction of the schedule edited (SAE edit and the mean-difference control)."""
     direction_scale: float = 1.0
     """Multiple of the class-mean difference map added by the mean-difference control."""

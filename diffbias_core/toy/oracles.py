@@ -7,12 +7,13 @@ shape a light red, green or blue (brightness >= 0.6), so:
   largest 8-connected component (brightness, not colour, is what the toy model draws most
   precisely: see ``UNetConfig.chroma_scale``);
 * colour = the channel with the largest mean over the foreground;
-* shape = the template (circle, square, triangle, as the world renders them) fitted to the
-  foreground's bounding box with the highest IoU against it.
+* shape = the template (circle, square, triangle, as the world renders them) with the highest IoU
+  against the foreground, each fitted to its bounding box and to its area and centroid.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -80,17 +81,46 @@ def _bbox(mask: Tensor) -> tuple[Tensor, Tensor]:
     return centre, extent
 
 
+_AREA_PER_SIZE2 = (math.pi / 4, 1.0, 0.5)  # template area / size^2 for circle, square, triangle
+_CENTROID_DROP = (0.0, 0.0, 1.0 / 6)  # template centroid below its centre, in sizes (triangle: s/6)
+
+
+def _moments(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """mask: (B, S, S) -> centroid (B, 2) (x, y) in pixel units and area (B,)."""
+    s = mask.shape[-1]
+    coords = torch.arange(s, dtype=torch.float32) + 0.5
+    weights = mask.float()
+    area = weights.flatten(1).sum(1)
+    x = (weights.sum(1) * coords).sum(1) / area.clamp_min(1)
+    y = (weights.sum(2) * coords).sum(1) / area.clamp_min(1)
+    return torch.stack([x, y], dim=1), area
+
+
+def _iou(a: Tensor, b: Tensor) -> Tensor:
+    inter = (a & b).flatten(1).sum(1).float()
+    return inter / (a | b).flatten(1).sum(1).float().clamp_min(1)
+
+
 def classify_shape(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Best template per mask. mask: (B, S, S) bool -> (shape (B,) int64, iou (B,) float)."""
+    """Best template per mask. mask: (B, S, S) bool -> (shape (B,) int64, iou (B,) float).
+
+    Each template is fitted two ways and the better IoU counts: to the bounding box (exact for clean
+    renders), and by moments, with the template's area and centroid set to the mask's (robust to
+    the odd stray or missing edge pixel of a generated image).
+    """
     b, s = mask.shape[0], mask.shape[-1]
-    centre, extent = _bbox(mask)
+    box_centre, extent = _bbox(mask)
+    centroid, area = _moments(mask)
     best_iou = torch.zeros(b, len(SHAPES))
     for k in range(len(SHAPES)):
-        for grow in (0.0, 0.5, 1.0):
-            template = shape_masks(torch.full((b,), k), centre, extent + grow, s)  # (B, S, S)
-            inter = (template & mask).flatten(1).sum(1).float()
-            union = (template | mask).flatten(1).sum(1).float().clamp_min(1)
-            best_iou[:, k] = torch.maximum(best_iou[:, k], inter / union)
+        kind = torch.full((b,), k)
+        fits = [(box_centre, extent + grow) for grow in (0.0, 0.5, 1.0)]
+        size = (area / _AREA_PER_SIZE2[k]).sqrt()
+        for scale in (0.95, 1.0, 1.05):
+            centre = centroid - torch.stack([torch.zeros(b), _CENTROID_DROP[k] * size * scale], dim=1)
+            fits.append((centre, size * scale))
+        for centre, size_k in fits:
+            best_iou[:, k] = torch.maximum(best_iou[:, k], _iou(shape_masks(kind, centre, size_k, s), mask))
     iou, shape = best_iou.max(1)
     return shape, iou
 
