@@ -11,6 +11,13 @@ Stages (each with a progress bar on stderr):
 6. controls: random SAE features of the same count, the class-mean difference map added without
    the SAE, and prompting with the assigned colour named;
 7. measure with the oracles; report (JSON), picture grid and charts (PNG).
+
+Tuned defaults (on the shipped model, 150-500 images per shape): ``add`` 2.5 to the top 30 IG
+features of the assigned colour at every bottleneck position, other classes' features kept, over
+steps 10%-90% of the schedule. The toy model settles colour late (``UNetConfig.chroma_scale``), so
+the edit has to last until near the end; a shorter window (e.g. 20%-70%) keeps shapes slightly
+better but flips fewer images (hit rate ~0.93), a stronger edit (3.0) flips every image but costs
+twin masks (~0.90 kept) and ``others="ablate"`` costs shape accuracy without raising the hit rate.
 """
 
 from __future__ import annotations
