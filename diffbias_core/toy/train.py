@@ -94,7 +94,7 @@ def train_model(
     ``checkpoint(steps_done, ema_model)`` is called every ``checkpoint_every`` steps.
     """
     torch.manual_seed(config.seed)  # only for parameter initialisation inside nn.Module constructors
-    model = copy.deepcopy(init) if init is not None else ToyUNet(config.unet)
+    model = copy.deepcopy(init).requires_grad_(True) if init is not None else ToyUNet(config.unet)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)

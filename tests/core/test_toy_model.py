@@ -135,7 +135,7 @@ def test_a_few_training_steps_reduce_the_loss_of_a_tiny_model():
     x0 = W.render(scenes, 16)
     prompt = W.tokens(scenes.shape, torch.where(scenes.named, scenes.colour, -1))
     torch.manual_seed(config.seed)
-    before = ToyUNet(TINY)
+    before = ToyUNet(TINY).requires_grad_(False)  # as load_model returns it: fine-tuning must still work
     trained = train_model(config, init=before, show_progress=False)
 
     def loss(m):
