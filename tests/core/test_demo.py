@@ -86,3 +86,32 @@ def test_parse_bias_accepts_a_majority_or_rows_and_rejects_nonsense():
         cli.parse_bias("circle=0.5/0.5/0.5")
     with pytest.raises(argparse.ArgumentTypeError, match="bias"):
         cli.parse_bias("0.1")
+
+
+def test_summarize_matches_hand_counts():
+    from diffbias_core.toy.measure import summarize
+    from diffbias_core.toy.oracles import Reading
+
+    shape = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    colour = torch.tensor([0, 0, 0, 1, 2, 1, 0, -1])
+    read_shape = torch.tensor([0, 0, 1, 0, 1, 1, 1, -1])
+    mask = torch.zeros(8, 4, 4, dtype=torch.bool)
+    mask[:, :2, :2] = True
+    twin_mask = mask.clone()
+    twin_mask[0] = False
+    twin_mask[0, 2:, 2:] = True  # disjoint: IoU 0
+    reading = Reading(colour, read_shape, mask, torch.ones(8))
+    twin = Reading(colour, read_shape, twin_mask, torch.ones(8))
+    assigned = torch.tensor([0, 1, 0, 1, 2, 1, 2, 0])
+    figures = summarize(reading, shape, assigned, twin)
+    circle = figures["per_shape"]["circle"]
+    assert circle["proportions"] == {"red": 0.75, "green": 0.25, "blue": 0.0}
+    fd_circle = ((0.75 - 1 / 3) ** 2 + (0.25 - 1 / 3) ** 2 + (1 / 3) ** 2) ** 0.5
+    fd_square = 0.0  # red, green and blue once each (the fourth is unreadable): uniform
+    assert circle["fd"] == pytest.approx(fd_circle, abs=1e-4)
+    assert figures["per_shape"]["square"]["fd"] == pytest.approx(fd_square, abs=1e-4)
+    assert figures["fd"] == pytest.approx((fd_circle + fd_square) / 2, abs=1e-4)
+    assert figures["per_shape"]["square"]["unreadable"] == 0.25
+    assert figures["shape_accuracy"] == pytest.approx(6 / 8)
+    assert figures["assignment_hit_rate"] == pytest.approx(5 / 8)
+    assert figures["twin_mask_kept"] == pytest.approx(7 / 8)

@@ -182,3 +182,48 @@ def test_shipped_sae_fits_the_bottleneck_of_the_shipped_model():
     generate(model, prompt, diffusion.initial_noise(24, 16, 12), 10, capture=recorder)
     x = sae.map_to_inputs(recorder.result().activations.flatten(0, 1))  # (24 * 10, 16, 64)
     assert fvu(x, sae(x)) < 0.3
+
+
+def test_direction_edit_adds_the_class_difference_only_inside_the_window():
+    from diffbias_core.toy.edits import Window, class_mean_directions, direction_edit
+    from diffbias_core.toy.sampling import Captured, StepContext
+
+    g = torch.Generator().manual_seed(13)
+    acts = torch.randn(6, 4, 8, 2, 2, generator=g)  # (N, steps, C, H, W)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    directions = class_mean_directions(Captured(acts, torch.linspace(1, 0.25, 4)), labels, 3)
+    for step in range(4):
+        means = [acts[labels == c, step].mean(0) for c in range(3)]
+        grand = sum(means) / 3
+        for c in range(3):
+            torch.testing.assert_close(directions[step, c], means[c] - grand)
+    classes = torch.tensor([2, -1, 0])
+    edit = direction_edit(directions, classes, Window(0.25, 0.75), scale=2.0)
+    h = torch.randn(3, 8, 2, 2, generator=g)
+    inside = edit(h, StepContext(slice(0, 3), 1, 0.75, 4))
+    torch.testing.assert_close(inside[0], h[0] + 2 * directions[1, 2])
+    torch.testing.assert_close(inside[1], h[1])
+    torch.testing.assert_close(inside[2], h[2] + 2 * directions[1, 0])
+    assert edit(h, StepContext(slice(0, 3), 3, 0.25, 4)) is h
+
+
+def test_feature_edit_is_the_identity_for_a_neutral_spec_and_adds_decoder_rows_otherwise():
+    from diffbias_core.features import FeatureSet
+    from diffbias_core.intervention import EditSpec
+    from diffbias_core.sae import SparseAutoencoder
+    from diffbias_core.toy.edits import Window, feature_edit
+    from diffbias_core.toy.sampling import StepContext
+
+    torch.manual_seed(14)
+    sae = SparseAutoencoder(8, 32, 4)
+    ids = (torch.tensor([3, 5]), torch.tensor([7, 9]))
+    features = FeatureSet(("a", "b"), ids, (torch.ones(2), torch.ones(2)), sae.fingerprint(), sae.hook, "test")
+    h = torch.randn(2, 8, 2, 2)
+    ctx = StepContext(slice(0, 2), 0, 1.0, 4)
+    classes = torch.tensor([1, -1])
+    neutral = feature_edit(sae, features, classes, EditSpec(mode="add", strength=0.0, top_k=2), Window(0, 1))
+    assert neutral(h, ctx) is h
+    edit = feature_edit(sae, features, classes, EditSpec(mode="add", strength=0.5, top_k=2), Window(0, 1))
+    expected = h.clone()
+    expected[0] += 0.5 * (sae.W_dec[7] + sae.W_dec[9]).detach().view(8, 1, 1)  # class 1, every position
+    torch.testing.assert_close(edit(h, ctx), expected)
