@@ -149,8 +149,9 @@ def save_features(features: FeatureSet, path: str | PathLike[str]) -> None:
     """
     tensors: dict[str, Tensor] = {}
     for i, (ids, scores) in enumerate(zip(features.ids, features.scores, strict=True)):
-        tensors[f"ids.{i}"] = ids.detach().to("cpu").contiguous()
-        tensors[f"scores.{i}"] = scores.detach().to("cpu").contiguous()
+        # clone: rows of one ranking tensor share storage, which safetensors refuses to write
+        tensors[f"ids.{i}"] = ids.detach().to("cpu").clone()
+        tensors[f"scores.{i}"] = scores.detach().to("cpu").clone()
     metadata = {
         "format": FEATURES_FORMAT,
         "format_version": str(FEATURES_VERSION),

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -146,23 +146,33 @@ def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict
         raise FormatError(f"{path}: could not be read as safetensors ({error})") from None
 
 
-def write_safetensors(
-    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path: str | PathLike[str]
-) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, then ``os.replace``."""
+def atomic_write(path: str | PathLike[str], write: Callable[[str], None]) -> None:
+    """Run ``write(temp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    Nothing appears at ``path`` unless ``write`` finished: a failure removes the temporary file and
+    re-raises. The file is readable by everyone (0644), not private as mkstemp makes it.
+    """
     path = Path(path)
-    refuse_pickle(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(dict(tensors), temp, metadata=dict(metadata))
+        write(temp)
         with open(temp, "rb+") as file:
             os.fsync(file.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes 0600; SAE and feature files are shared
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_safetensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path: str | PathLike[str]
+) -> None:
+    """Write a safetensors file atomically (see :func:`atomic_write`)."""
+    refuse_pickle(Path(path))
+    atomic_write(path, lambda temp: save_file(dict(tensors), temp, metadata=dict(metadata)))
 
 
 def check_metadata_version(
@@ -360,6 +370,7 @@ __all__ = [
     "SAE_FORMAT",
     "SAE_VERSION",
     "FormatError",
+    "atomic_write",
     "check_metadata_version",
     "load_sae",
     "read_header",

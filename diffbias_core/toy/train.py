@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from diffbias_core.formats import atomic_write
 
 from . import world as W
 from .diffusion import initial_noise, sample_in_chunks, v_loss
@@ -176,20 +176,6 @@ def measure_bias(
     return report
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files are read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def config_to_json(config: ToyTrainConfig) -> dict[str, Any]:
     """The training config as plain JSON values."""
     return json.loads(json.dumps(asdict(config)))
@@ -221,7 +207,7 @@ def save_model(model: ToyUNet, world: W.WorldConfig, path: Path) -> None:
         "unet_config": json.dumps(asdict(model.config)),
         "world_config": json.dumps(asdict(world)),
     }
-    _atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_model(path: Path | None = None) -> tuple[ToyUNet, W.WorldConfig]:
@@ -247,7 +233,7 @@ def load_model(path: Path | None = None) -> tuple[ToyUNet, W.WorldConfig]:
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Atomic, indented JSON write."""
     text = json.dumps(data, indent=2) + "\n"
-    _atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def train_and_save(config: ToyTrainConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:

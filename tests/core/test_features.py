@@ -135,3 +135,13 @@ def test_load_errors(tmp_path):
         load_features(path)
     with pytest.raises(FormatError, match="arbitrary code"):
         load_features(tmp_path / "features.pt")
+
+
+def test_save_accepts_rankings_that_share_storage(tmp_path):
+    ranking = torch.tensor([[3, 1], [0, 2]], dtype=torch.int64)  # rows are views of one tensor
+    scores = torch.tensor([[2.0, 1.0], [4.0, 3.0]])
+    fs = make(id_lists=((0,), (1,)), ids=(ranking[0], ranking[1]), scores=(scores[0], scores[1]))
+    save_features(fs, tmp_path / "shared.safetensors")
+    loaded = load_features(tmp_path / "shared.safetensors")
+    assert torch.equal(loaded.ids[1], ranking[1]) and torch.equal(loaded.scores[0], scores[0])
+    assert (tmp_path / "shared.safetensors").stat().st_mode & 0o777 == 0o644
