@@ -20,7 +20,7 @@ from .attribution import AttributionConfig, attribute
 from .features import save_features
 from .formats import FormatError, load_sae
 from .probes import ProbeConfig, fit_probes
-from .toy.progress import Progress
+from .progress import Progress
 from .train import TrainConfig, rows_per_activation, train_sae
 from .train_state import state_path
 

@@ -35,6 +35,7 @@ from diffbias_core.attribution import AttributionConfig, attribute
 from diffbias_core.features import FeatureSet
 from diffbias_core.intervention import EditSpec, assign_classes
 from diffbias_core.probes import ProbeConfig, fit_probes
+from diffbias_core.progress import Progress
 from diffbias_core.sae import SparseAutoencoder
 
 from . import world as W
@@ -44,7 +45,6 @@ from .edits import Window, class_mean_directions, direction_edit, feature_edit
 from .measure import summarize
 from .model import ToyUNet
 from .oracles import read
-from .progress import Progress
 from .sampling import HOOK, Captured, EditFn, Recorder, generate
 from .train import WEIGHTS_DIR, ToyTrainConfig, load_model, train_model
 

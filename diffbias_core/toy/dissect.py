@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from diffbias_core.formats import load_sae, save_sae
+from diffbias_core.progress import Progress
 from diffbias_core.sae import SparseAutoencoder
 from diffbias_core.train import SaeTrainer, TrainConfig
 
 from . import world as W
 from .diffusion import initial_noise
 from .model import MODEL_FAMILY, ToyUNet
-from .progress import Progress
 from .sampling import HOOK, Recorder, generate
 
 SAE_FILE = "toy_sae.safetensors"

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffbias_core.formats import atomic_write
+from diffbias_core.progress import Progress
 
 from . import world as W
 from .diffusion import initial_noise, sample_in_chunks, v_loss
 from .model import MODEL_FAMILY, ToyUNet, UNetConfig
 from .oracles import read
-from .progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,19 @@
-"""A minimal progress bar on stderr (no dependency). Silent when ``enabled`` is False."""
+"""A minimal progress bar on stderr (no dependency). Silent when ``enabled`` is False.
+
+On a terminal the bar is redrawn in place a few times a second; into a file or pipe (a log) it writes
+one line every ``LOG_INTERVAL`` seconds instead, so logs of long runs stay readable.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+TERMINAL_INTERVAL = 0.2
+"""Seconds between redraws on a terminal."""
+LOG_INTERVAL = 30.0
+"""Seconds between lines when the stream is not a terminal."""
 
 
 class Progress:
@@ -18,6 +27,9 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self._last_draw = 0.0
+        self._drawn_done: int | None = None
+        target = stream or sys.stderr
+        self._terminal = bool(getattr(target, "isatty", lambda: False)())
 
     def __enter__(self) -> Progress:
         self._draw(force=True)
@@ -26,7 +38,7 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self.done = min(self.done, self.total)
         self._draw(force=True)
-        if self.enabled:
+        if self.enabled and self._terminal:
             (self.stream or sys.stderr).write("\n")
 
     @property
@@ -43,13 +55,18 @@ class Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if not force and now - self._last_draw < 0.2 and self.done < self.total:
+        interval = TERMINAL_INTERVAL if self._terminal else LOG_INTERVAL
+        if not force and now - self._last_draw < interval and self.done < self.total:
             return
+        if self.done == self._drawn_done:
+            return  # nothing new to show (e.g. the closing draw right after reaching the total)
         self._last_draw = now
+        self._drawn_done = self.done
         frac = min(self.done / self.total, 1.0)
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
         stream = self.stream or sys.stderr
-        stream.write(f"\r{self.desc:<22} [{bar}] {100 * frac:5.1f}% {self.elapsed:6.1f}s")
+        line = f"{self.desc:<22} [{bar}] {100 * frac:5.1f}% {self.elapsed:6.1f}s"
+        stream.write(f"\r{line}" if self._terminal else f"{line}\n")
         stream.flush()
 
 
