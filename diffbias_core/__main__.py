@@ -1,4 +1,6 @@
-"""Command line: ``python -m diffbias_core COMMAND ...``.
+"""diffbias: find the SAE features of a diffusion model that carry a bias, and edit them.
+
+Usage: ``python -m diffbias_core COMMAND ...`` (``--help`` after a command lists its options).
 
 Each command module exposes ``register(subparsers)``, which adds its sub-commands and sets
 ``run=function(args) -> int`` as their default.
