@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import comfy.samplers
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
@@ -20,6 +19,7 @@ from .patching import Captured, add_recorder
 from .runs import plan_runs
 from .sampling import RunSettings, empty_latent, encode, sample
 from .sampling import class_prompts as parse_class_prompts
+from .widgets import negative_prompt_input, sampler_inputs, size_inputs
 from .wires import FeaturesType, SaeType, SaeWire
 
 METHODS = {"integrated gradients": "ig", "mean difference": "mean-diff"}
@@ -69,18 +69,8 @@ class AttributeFeatures(io.ComfyNode):
                     tooltip="One prompt per class, one per line (at least 2). Class names are the words "
                     "that differ, or write 'name: prompt'.",
                 ),
-                io.String.Input(
-                    "negative_prompt",
-                    multiline=True,
-                    default="",
-                    tooltip="Negative prompt for every image (may be empty).",
-                ),
-                io.Int.Input(
-                    "width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."
-                ),
-                io.Int.Input(
-                    "height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."
-                ),
+                negative_prompt_input(),
+                *size_inputs(),
                 io.Int.Input(
                     "samples",
                     default=32,
@@ -89,34 +79,9 @@ class AttributeFeatures(io.ComfyNode):
                     tooltip="Images per class (>= 2); sample j of every class shares its noise.",
                 ),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per sampler run."),
-                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per image."),
-                io.Float.Input(
-                    "cfg",
-                    default=7.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    tooltip="Classifier-free guidance scale.",
-                ),
-                io.Combo.Input(
-                    "sampler_name",
-                    options=comfy.samplers.KSampler.SAMPLERS,
-                    default="euler",
-                    tooltip="Sampler, as in KSampler.",
-                ),
-                io.Combo.Input(
-                    "scheduler",
-                    options=comfy.samplers.KSampler.SCHEDULERS,
-                    default="normal",
-                    tooltip="Scheduler, as in KSampler.",
-                ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=False,
-                    tooltip="Noise seed: run j of every class uses seed + j (paired noise).",
+                *sampler_inputs(
+                    cfg_tooltip="Classifier-free guidance scale.",
+                    seed_tooltip="Noise seed: run j of every class uses seed + j (paired noise).",
                 ),
                 io.Combo.Input(
                     "method",

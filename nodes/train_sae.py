@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management
-import comfy.samplers
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
@@ -18,6 +17,7 @@ from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
 from .runs import plan_runs, spread
 from .sampling import RunSettings, empty_latent, encode, prompt_lines, sample
+from .widgets import negative_prompt_input, sampler_inputs, size_inputs
 from .wires import SaeType, SaeWire, describe_sae
 
 logger = logging.getLogger(__name__)
@@ -59,46 +59,11 @@ class TrainSAE(io.ComfyNode):
                     default="a photo of a person\na photo of a doctor\na photo of a firefighter",
                     tooltip="Prompts to sample, one per line; images cycle through them.",
                 ),
-                io.String.Input(
-                    "negative_prompt",
-                    multiline=True,
-                    default="",
-                    tooltip="Negative prompt for every image (may be empty).",
-                ),
-                io.Int.Input(
-                    "width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."
-                ),
-                io.Int.Input(
-                    "height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."
-                ),
-                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per image."),
-                io.Float.Input(
-                    "cfg",
-                    default=7.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    tooltip="Classifier-free guidance scale (1 = no negative pass).",
-                ),
-                io.Combo.Input(
-                    "sampler_name",
-                    options=comfy.samplers.KSampler.SAMPLERS,
-                    default="euler",
-                    tooltip="Sampler, as in KSampler.",
-                ),
-                io.Combo.Input(
-                    "scheduler",
-                    options=comfy.samplers.KSampler.SCHEDULERS,
-                    default="normal",
-                    tooltip="Scheduler, as in KSampler.",
-                ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=False,
-                    tooltip="Noise seed of the first run (run i uses seed + i); also seeds the SAE.",
+                negative_prompt_input(),
+                *size_inputs(),
+                *sampler_inputs(
+                    cfg_tooltip="Classifier-free guidance scale (1 = no negative pass).",
+                    seed_tooltip="Noise seed of the first run (run i uses seed + i); also seeds the SAE.",
                 ),
                 io.Int.Input(
                     "images",
