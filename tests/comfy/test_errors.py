@@ -96,67 +96,41 @@ def test_bad_apply_input(server, prompt, expected):
     assert_server_still_works(server)
 
 
+def attribute_with_sae(sae_name: str) -> dict:
+    """API graph: checkpoint + the named SAE into Attribute Bias Features (tiny sizes)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "DiffBiasLoadSAE", "inputs": {"sae_name": sae_name}},
+        "3": {
+            "class_type": "DiffBiasAttributeFeatures",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "sae": ["2", 0],
+                "class_prompts": "a photo of a male person\na photo of a female person",
+                "negative_prompt": "",
+                "width": 64,
+                "height": 64,
+                "samples": 2,
+                "batch_size": 2,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "seed": 0,
+                "method": "mean difference",
+                "top_k": 5,
+            },
+        },
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
+    }
+
+
 def test_sae_for_another_width_or_hook(server):
     """An SAE with the right features but the wrong width / hook: the check before sampling names both."""
-    width = failure(
-        server,
-        {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-            "2": {"class_type": "DiffBiasLoadSAE", "inputs": {"sae_name": "wrong_width.safetensors"}},
-            "3": {
-                "class_type": "DiffBiasAttributeFeatures",
-                "inputs": {
-                    "model": ["1", 0],
-                    "clip": ["1", 1],
-                    "sae": ["2", 0],
-                    "class_prompts": "a photo of a male person\na photo of a female person",
-                    "negative_prompt": "",
-                    "width": 64,
-                    "height": 64,
-                    "samples": 2,
-                    "batch_size": 2,
-                    "steps": 2,
-                    "cfg": 5.0,
-                    "sampler_name": "euler",
-                    "scheduler": "normal",
-                    "seed": 0,
-                    "method": "mean difference",
-                    "top_k": 5,
-                },
-            },
-            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
-        },
-    )
+    width = failure(server, attribute_with_sae("wrong_width.safetensors"))
     assert "640" in width and "1280" in width, width
-    hook = failure(
-        server,
-        {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-            "2": {"class_type": "DiffBiasLoadSAE", "inputs": {"sae_name": "wrong_hook.safetensors"}},
-            "3": {
-                "class_type": "DiffBiasAttributeFeatures",
-                "inputs": {
-                    "model": ["1", 0],
-                    "clip": ["1", 1],
-                    "sae": ["2", 0],
-                    "class_prompts": "a photo of a male person\na photo of a female person",
-                    "negative_prompt": "",
-                    "width": 64,
-                    "height": 64,
-                    "samples": 2,
-                    "batch_size": 2,
-                    "steps": 2,
-                    "cfg": 5.0,
-                    "sampler_name": "euler",
-                    "scheduler": "normal",
-                    "seed": 0,
-                    "method": "mean difference",
-                    "top_k": 5,
-                },
-            },
-            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
-        },
-    )
+    hook = failure(server, attribute_with_sae("wrong_hook.safetensors"))
     assert "dit.double.0" in hook and "unet.middle" in hook, hook
     assert_server_still_works(server)
 
