@@ -30,15 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = ToyTrainConfig()
     train = sub.add_parser("train", help="train the toy UNet, measure its bias, then train its SAE")
-    train.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    train.add_argument(
+        "--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})"
+    )
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
     train.add_argument("--skip-sae", action="store_true", help="do not train the SAE afterwards")
     sae = sub.add_parser("train-sae", help="train only the SAE, on the model in --out")
     for p in (train, sae):
-        p.add_argument("--seed", type=int, default=0, help="seed of data, noise and initialisation (default 0)")
+        p.add_argument(
+            "--seed", type=int, default=0, help="seed of data, noise and initialisation (default 0)"
+        )
         p.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (default 1: small convolutions gain little from more)")  # fmt: skip
-        p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the shipped weights)")
+        p.add_argument(
+            "--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the shipped weights)"
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -30,11 +30,15 @@ def parse_bias(text: str) -> tuple[tuple[float, ...], ...]:
         name, _, values = part.partition("=")
         name = name.strip()
         if name not in rows:
-            raise argparse.ArgumentTypeError(f"--bias {text!r}: unknown shape {name!r}; shapes are {list(W.SHAPES)}")
+            raise argparse.ArgumentTypeError(
+                f"--bias {text!r}: unknown shape {name!r}; shapes are {list(W.SHAPES)}"
+            )
         try:
             probs = [float(v) for v in values.split("/")]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--bias {text!r}: {values!r} is not numbers separated by '/'") from None
+            raise argparse.ArgumentTypeError(
+                f"--bias {text!r}: {values!r} is not numbers separated by '/'"
+            ) from None
         if len(probs) != len(W.COLOURS):
             raise argparse.ArgumentTypeError(
                 f"--bias {text!r}: {name} needs {len(W.COLOURS)} probabilities ({'/'.join(W.COLOURS)}), got {len(probs)}"
@@ -55,15 +59,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run dissect, attribute, intervene and measure on the embedded toy model (CPU, a few minutes)",
         description=(__doc__ or "").splitlines()[0],
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of noise, class assignment and controls (default 0)")
-    parser.add_argument("--samples", type=int, default=500, help="images per shape for every run (default 500)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of noise, class assignment and controls (default 0)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=500, help="images per shape for every run (default 500)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="DDIM sampling steps (default 10)")
-    parser.add_argument("--pairs", type=int, default=48,
-                        help="attribution: noises per shape, each generated with every colour named (default 48)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=48,
+        help="attribution: noises per shape, each generated with every colour named (default 48)",
+    )
     parser.add_argument("--bias", type=parse_bias, default=None, metavar="SKEW",
                         help="a new colour skew, e.g. 0.95 or 'circle=0.9/0.05/0.05': regenerates the world, "
                              "fine-tunes the model and trains a new SAE first (several more minutes)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the pictures and the report")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for the pictures and the report"
+    )
     parser.add_argument("--json", type=Path, default=None, help="report path (default: OUT/report.json)")
     parser.add_argument("--train-sae", action="store_true", help="train a new SAE instead of the shipped one")
     parser.add_argument("--threads", type=int, default=1,

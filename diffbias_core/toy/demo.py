@@ -133,13 +133,17 @@ class _Stage:
         return images
 
 
-def _model_and_sae(config: DemoConfig, stage: _Stage) -> tuple[ToyUNet, W.WorldConfig, SparseAutoencoder, str]:
+def _model_and_sae(
+    config: DemoConfig, stage: _Stage
+) -> tuple[ToyUNet, W.WorldConfig, SparseAutoencoder, str]:
     model, world = load_model()
     source = "shipped"
     if config.skew is not None:
         world = replace(world, skew=config.skew)
         start = time.perf_counter()
-        tune = ToyTrainConfig(steps=config.finetune_steps, seed=config.seed + 17, world=world, unet=model.config)
+        tune = ToyTrainConfig(
+            steps=config.finetune_steps, seed=config.seed + 17, world=world, unet=model.config
+        )
         model = train_model(tune, init=model, show_progress=config.show_progress)
         stage.seconds["fine-tune"] = round(time.perf_counter() - start, 2)
         source = f"fine-tuned {config.finetune_steps} steps"
@@ -152,7 +156,9 @@ def _model_and_sae(config: DemoConfig, stage: _Stage) -> tuple[ToyUNet, W.WorldC
     return model, world, load_toy_sae(WEIGHTS_DIR / SAE_FILE), source + ", shipped SAE"
 
 
-def _attribution_data(model: ToyUNet, config: DemoConfig, stage: _Stage) -> tuple[MemorySource, Captured, Tensor]:
+def _attribution_data(
+    model: ToyUNet, config: DemoConfig, stage: _Stage
+) -> tuple[MemorySource, Captured, Tensor]:
     """Paired prompts: ``pairs`` noises per shape, each with every colour named; every step captured."""
     n_col, n_shape, m = len(W.COLOURS), len(W.SHAPES), config.pairs
     shape = torch.arange(n_shape).repeat_interleave(n_col * m)  # (3 * 3 * m,)
@@ -177,7 +183,9 @@ def _attribute(sae: SparseAutoencoder, source: MemorySource, config: DemoConfig,
     with Progress(config.steps, "probes", enabled=config.show_progress) as bar:
         probes = fit_probes(source, ProbeConfig(seed=config.seed), progress=lambda d, t: bar.update())
     with Progress(config.steps, "attribution (IG)", enabled=config.show_progress) as bar:
-        features = attribute(sae, source, AttributionConfig(top_k=100), probes, progress=lambda d, t: bar.update())
+        features = attribute(
+            sae, source, AttributionConfig(top_k=100), probes, progress=lambda d, t: bar.update()
+        )
     random = attribute(sae, source, AttributionConfig(method="random", top_k=100, seed=config.seed))
     stage.seconds["probes + attribution"] = round(time.perf_counter() - start, 2)
     facts = {
@@ -214,18 +222,32 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     runs: dict[str, EditFn | None] = {
         "after": feature_edit(sae, features, assigned, config.spec, config.window),
         "random_features": feature_edit(sae, random, assigned, config.spec, config.window),
-        "mean_difference": direction_edit(class_mean_directions(captured, labels, len(W.COLOURS)), assigned,
-                                          config.window, config.direction_scale),  # fmt: skip
+        "mean_difference": direction_edit(
+            class_mean_directions(captured, labels, len(W.COLOURS)),
+            assigned,
+            config.window,
+            config.direction_scale,
+        ),  # fmt: skip
     }
-    titles = {"after": "intervention", "random_features": "control: random", "mean_difference": "control: mean-diff"}
+    titles = {
+        "after": "intervention",
+        "random_features": "control: random",
+        "mean_difference": "control: mean-diff",
+    }
     for name, edit in runs.items():
-        images[name] = stage.generate(titles[name], model, neutral, noise, config.steps, config.chunk, edit=edit)
+        images[name] = stage.generate(
+            titles[name], model, neutral, noise, config.steps, config.chunk, edit=edit
+        )
     images["prompting"] = stage.generate("control: prompting", model, W.tokens(shape, assigned), noise,
                                          config.steps, config.chunk)  # fmt: skip
 
     readings = {name: read(batch) for name, batch in images.items()}
     before = summarize(readings["before"], shape, assigned)
-    figures = {name: summarize(readings[name], shape, assigned, readings["before"]) for name in images if name != "before"}
+    figures = {
+        name: summarize(readings[name], shape, assigned, readings["before"])
+        for name in images
+        if name != "before"
+    }
     report = _report(config, world, before, figures, facts, source_note)
     report["seconds"] = {**stage.seconds, "total": round(time.perf_counter() - start, 2)}
     return DemoResult(report, images, shape, assigned)
@@ -245,12 +267,18 @@ def _headline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 def _report(config: DemoConfig, world: W.WorldConfig, before: dict[str, Any], figures: dict[str, dict[str, Any]],
             facts: dict[str, Any], source_note: str) -> dict[str, Any]:  # fmt: skip
     after = figures["after"]
-    per_shape = {name: _headline(before["per_shape"][name], after["per_shape"][name]) for name in before["per_shape"]}
+    per_shape = {
+        name: _headline(before["per_shape"][name], after["per_shape"][name]) for name in before["per_shape"]
+    }
     controls = {}
     for name in ("random_features", "mean_difference", "prompting"):
         run = figures[name]
         controls[name] = {
-            **{k: v for k, v in _headline(before, run).items() if k not in ("fd_before", "shape_accuracy_before")},
+            **{
+                k: v
+                for k, v in _headline(before, run).items()
+                if k not in ("fd_before", "shape_accuracy_before")
+            },
             "per_shape": {s: {"fd_after": run["per_shape"][s]["fd"]} for s in run["per_shape"]},
         }
     return {
@@ -260,11 +288,22 @@ def _report(config: DemoConfig, world: W.WorldConfig, before: dict[str, Any], fi
         "runs": {"before": before, **figures},
         "attribution": facts,
         "settings": {
-            "seed": config.seed, "samples_per_shape": config.samples, "steps": config.steps,
-            "pairs_per_shape": config.pairs, "edit": {"mode": config.mode, "strength": config.strength,
-            "top_k": config.top_k, "others": config.others, "window": [config.window.start, config.window.end]},
-            "direction_scale": config.direction_scale, "skew": [list(r) for r in world.skew],
-            "model": source_note, "hook": HOOK, "target": "uniform",
+            "seed": config.seed,
+            "samples_per_shape": config.samples,
+            "steps": config.steps,
+            "pairs_per_shape": config.pairs,
+            "edit": {
+                "mode": config.mode,
+                "strength": config.strength,
+                "top_k": config.top_k,
+                "others": config.others,
+                "window": [config.window.start, config.window.end],
+            },
+            "direction_scale": config.direction_scale,
+            "skew": [list(r) for r in world.skew],
+            "model": source_note,
+            "hook": HOOK,
+            "target": "uniform",
         },  # fmt: skip
     }
 

@@ -29,7 +29,9 @@ class Window:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
-            raise ValueError(f"edit window must satisfy 0 <= start < end <= 1, got [{self.start}, {self.end})")
+            raise ValueError(
+                f"edit window must satisfy 0 <= start < end <= 1, got [{self.start}, {self.end})"
+            )
 
     def covers(self, ctx: StepContext) -> bool:
         """True when the step of ``ctx`` is edited."""
@@ -58,7 +60,9 @@ def class_mean_directions(captured: Captured, labels: Tensor, num_classes: int) 
     Returns (steps, num_classes, C, H, W).
     """
     acts = captured.activations
-    means = torch.stack([acts[labels == c].mean(0) for c in range(num_classes)], dim=1)  # (steps, classes, C, H, W)
+    means = torch.stack(
+        [acts[labels == c].mean(0) for c in range(num_classes)], dim=1
+    )  # (steps, classes, C, H, W)
     return means - means.mean(1, keepdim=True)
 
 

@@ -145,4 +145,13 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones(()))
 
 
-__all__ = ["COLOURS", "SHAPES", "Reading", "classify_shape", "foreground", "largest_component", "mask_iou", "read"]
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "Reading",
+    "classify_shape",
+    "foreground",
+    "largest_component",
+    "mask_iou",
+    "read",
+]

@@ -50,7 +50,9 @@ def _to_uint8(images: Tensor, scale: int) -> Tensor:
     return pixels.permute(0, 2, 3, 1).contiguous()  # (N, H, W, 3)
 
 
-def save_grid(images: dict[str, Tensor], shape: Tensor, path: Path, *, per_shape: int = 8, scale: int = 4) -> bool:
+def save_grid(
+    images: dict[str, Tensor], shape: Tensor, path: Path, *, per_shape: int = 8, scale: int = 4
+) -> bool:
     """Twins from the same noise: per shape, one row per run (before, after, controls), ``per_shape`` columns.
 
     images: run name -> (N, 3, S, S); shape: (N,). Returns False when Pillow is missing.
@@ -63,7 +65,9 @@ def save_grid(images: dict[str, Tensor], shape: Tensor, path: Path, *, per_shape
     side = next(iter(images.values())).shape[-1] * scale
     label_w, gap = 110, 6
     rows = len(SHAPES) * len(runs)
-    canvas = Image.new("RGB", (label_w + per_shape * (side + 2), rows * (side + 2) + len(SHAPES) * gap), "white")
+    canvas = Image.new(
+        "RGB", (label_w + per_shape * (side + 2), rows * (side + 2) + len(SHAPES) * gap), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     y = 0
     for k, name in enumerate(SHAPES):
@@ -90,7 +94,9 @@ def save_charts(report: dict[str, Any], path: Path) -> bool:
     width = 60 + len(SHAPES) * (len(runs) * (bar + 4) + group_gap)
     canvas = Image.new("RGB", (width, 2 * (height + top + 40) + 60), "white")
     draw = ImageDraw.Draw(canvas)
-    for panel, title in enumerate(("colour proportions (target 1/3 each)", "fairness discrepancy FD (goal <= 0.03)")):
+    for panel, title in enumerate(
+        ("colour proportions (target 1/3 each)", "fairness discrepancy FD (goal <= 0.03)")
+    ):
         y0 = panel * (height + top + 40) + top
         draw.text((10, y0 - 30), title, fill="black")
         draw.line([(50, y0 + height), (width - 10, y0 + height)], fill="black")

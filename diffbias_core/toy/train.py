@@ -238,6 +238,7 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 
 def train_and_save(config: ToyTrainConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
     """Train, save ``toy_unet.safetensors`` and ``toy_unet.json`` (config + measured bias) in ``out_dir``."""
+
     def save_checkpoint(done: int, ema: ToyUNet) -> None:
         save_model(ema, config.world, Path(out_dir) / MODEL_FILE)
         log.info("checkpoint after %d steps written to %s", done, Path(out_dir) / MODEL_FILE)

@@ -166,7 +166,10 @@ def test_shipped_weights_are_small_and_learned_the_skew():
         majority = max(range(3), key=lambda c: row[c])
         share = (reading.colour[shape == k] == majority).float().mean().item()
         # Binomial margin of 4 standard errors around the skew the world was trained with.
-        assert share >= row[majority] - 4 * math.sqrt(row[majority] * (1 - row[majority]) / n) - 0.1, (k, share)
+        assert share >= row[majority] - 4 * math.sqrt(row[majority] * (1 - row[majority]) / n) - 0.1, (
+            k,
+            share,
+        )
 
 
 def test_shipped_sae_fits_the_bottleneck_of_the_shipped_model():
@@ -217,7 +220,9 @@ def test_feature_edit_is_the_identity_for_a_neutral_spec_and_adds_decoder_rows_o
     torch.manual_seed(14)
     sae = SparseAutoencoder(8, 32, 4)
     ids = (torch.tensor([3, 5]), torch.tensor([7, 9]))
-    features = FeatureSet(("a", "b"), ids, (torch.ones(2), torch.ones(2)), sae.fingerprint(), sae.hook, "test")
+    features = FeatureSet(
+        ("a", "b"), ids, (torch.ones(2), torch.ones(2)), sae.fingerprint(), sae.hook, "test"
+    )
     h = torch.randn(2, 8, 2, 2)
     ctx = StepContext(slice(0, 2), 0, 1.0, 4)
     classes = torch.tensor([1, -1])
