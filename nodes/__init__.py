@@ -1,21 +1,13 @@
 """ComfyUI nodes of diffbias: thin adapters from widgets to ``diffbias_core``.
 
 The only package that imports ComfyUI. ``comfy_entrypoint`` registers the ``models/sae`` folder and
-returns the extension listing every node.
+returns the extension listing every node. The core is imported from the plugin folder itself
+(``..diffbias_core``), so a plain clone into ``custom_nodes/`` works without installing the package.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
-
-try:
-    import diffbias_core  # noqa: F401
-except ModuleNotFoundError as error:  # the plugin folder was cloned but not installed
-    raise ModuleNotFoundError(
-        "diffbias: the 'diffbias_core' library is not installed in ComfyUI's Python; run "
-        "'pip install -e <ComfyUI>/custom_nodes/<this folder>' with that Python, then restart ComfyUI",
-        name=error.name,
-    ) from error
 
 from . import files
 from .apply import ApplyIntervention

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from diffbias_core import SUPPRESS, EditSpec, parse_target
-
+from ..diffbias_core import SUPPRESS, EditSpec, parse_target
 from .model_info import check_hook, parse_hook
 from .patching import add_intervention
 from .wires import FeaturesType, SaeType, SaeWire

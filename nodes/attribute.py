@@ -8,11 +8,10 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from diffbias_core import SparseAutoencoder
-from diffbias_core.activations import ActivationBatch, MemorySource, concat_batches, make_batch
-from diffbias_core.attribution import AttributionConfig, attribute
-from diffbias_core.probes import ProbeConfig, fit_probes
-
+from ..diffbias_core import SparseAutoencoder
+from ..diffbias_core.activations import ActivationBatch, MemorySource, concat_batches, make_batch
+from ..diffbias_core.attribution import AttributionConfig, attribute
+from ..diffbias_core.probes import ProbeConfig, fit_probes
 from .charts import feature_chart
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from diffbias_core import FeatureSet
+from ..diffbias_core import FeatureSet
 
 _WIDTH = 760
 _ROW = 16

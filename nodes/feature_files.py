@@ -6,8 +6,7 @@ import os
 
 from comfy_api.latest import io, ui
 
-from diffbias_core import load_features, save_features
-
+from ..diffbias_core import load_features, save_features
 from . import files
 from .charts import feature_chart
 from .wires import FeaturesType, SaeType, SaeWire

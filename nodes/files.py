@@ -14,8 +14,8 @@ from pathlib import Path
 
 import folder_paths
 
-from diffbias_core.formats import FormatError
-from diffbias_core.importers import WEIGHT_FILES, layout_folder
+from ..diffbias_core.formats import FormatError
+from ..diffbias_core.importers import WEIGHT_FILES, layout_folder
 
 SAE_FOLDER = "sae"
 """ComfyUI model folder name (``models/sae``)."""

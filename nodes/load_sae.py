@@ -6,8 +6,7 @@ import os
 
 from comfy_api.latest import io, ui
 
-from diffbias_core import load_sae
-
+from ..diffbias_core import load_sae
 from . import files
 from .model_info import parse_hook
 from .wires import SaeType, SaeWire, describe_sae

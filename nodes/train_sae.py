@@ -9,9 +9,8 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from diffbias_core import load_sae
-from diffbias_core.train import SaeTrainer, TrainConfig
-
+from ..diffbias_core import load_sae
+from ..diffbias_core.train import SaeTrainer, TrainConfig
 from . import files
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder

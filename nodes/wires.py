@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from comfy_api.latest import io
 
-from diffbias_core import SparseAutoencoder
+from ..diffbias_core import SparseAutoencoder
 
 SaeType = io.Custom("DIFFBIAS_SAE")
 FeaturesType = io.Custom("DIFFBIAS_FEATURES")

@@ -17,9 +17,9 @@ STUBS = Path(__file__).resolve().parent / "stubs"
 
 
 def comfy_env(comfyui: str) -> dict[str, str]:
-    """Environment for a ComfyUI process: the torchvision stub, ComfyUI and this repository importable."""
+    """Environment for a ComfyUI process: the torchvision stub and ComfyUI importable (the plugin is found in custom_nodes)."""
     env = dict(os.environ)
-    parts = [str(STUBS), comfyui, str(REPO)]
+    parts = [str(STUBS), comfyui]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)
