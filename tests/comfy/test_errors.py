@@ -96,7 +96,9 @@ def test_bad_apply_input(server, prompt, expected):
     assert_server_still_works(server)
 
 
-def attribute_with_sae(sae_name: str) -> dict:
+def attribute_with_sae(
+    sae_name: str, class_prompts: str = "a photo of a male person\na photo of a female person"
+) -> dict:
     """API graph: checkpoint + the named SAE into Attribute Bias Features (tiny sizes)."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
@@ -107,7 +109,7 @@ def attribute_with_sae(sae_name: str) -> dict:
                 "model": ["1", 0],
                 "clip": ["1", 1],
                 "sae": ["2", 0],
-                "class_prompts": "a photo of a male person\na photo of a female person",
+                "class_prompts": class_prompts,
                 "negative_prompt": "",
                 "width": 64,
                 "height": 64,
@@ -141,34 +143,6 @@ def test_sae_for_another_width_or_hook(server):
     ids=["empty", "one_class"],
 )
 def test_too_few_class_prompts(server, class_prompts, expected):
-    message = failure(
-        server,
-        {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-            "2": {"class_type": "DiffBiasLoadSAE", "inputs": {"sae_name": "sd15_hspace.safetensors"}},
-            "3": {
-                "class_type": "DiffBiasAttributeFeatures",
-                "inputs": {
-                    "model": ["1", 0],
-                    "clip": ["1", 1],
-                    "sae": ["2", 0],
-                    "class_prompts": class_prompts,
-                    "negative_prompt": "",
-                    "width": 64,
-                    "height": 64,
-                    "samples": 2,
-                    "batch_size": 2,
-                    "steps": 2,
-                    "cfg": 5.0,
-                    "sampler_name": "euler",
-                    "scheduler": "normal",
-                    "seed": 0,
-                    "method": "mean difference",
-                    "top_k": 5,
-                },
-            },
-            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
-        },
-    )
+    message = failure(server, attribute_with_sae("sd15_hspace.safetensors", class_prompts))
     assert expected in message and "one prompt per line" in message, message
     assert_server_still_works(server)
