@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import math
 import os
 import statistics
 import sys
@@ -51,41 +50,24 @@ def reexec_with_comfyui() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def comfy_test_tools():
+    """tests/comfy/make_checkpoint.py, the one home of the SD1.5 UNet config and the seeded random weights."""
+    path = REPO / "tests" / "comfy" / "make_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("diffbias_make_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_unet(size: str):
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    full = size == "sd15"
-    config = {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "out_channels": 4,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "adm_in_channels": None,
-        "in_channels": 4,
-        "model_channels": 320 if full else 64,
-        "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4],
-        "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False,
-        "context_dim": 768,
-        "num_heads": 8,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-        "dtype": torch.float32,
-    }
+    tools = comfy_test_tools()
+    config = tools.sd15_unet_config(torch.float32, model_channels=320 if size == "sd15" else 64)
     base = comfy.supported_models.SD15(config).get_model({})
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in base.diffusion_model.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, 1.0 / math.sqrt(math.prod(param.shape[1:])), generator=generator)
-            else:
-                param.fill_(0.0 if name.endswith("bias") else 1.0)
+    tools.randomize_(base.diffusion_model, torch.Generator().manual_seed(0))
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 

@@ -32,6 +32,31 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
             param.copy_(value.to(param.dtype))
 
 
+def sd15_unet_config(dtype: torch.dtype, model_channels: int = 320) -> dict:
+    """ComfyUI's SD1.5 UNet config (``model_channels`` 320); a smaller width keeps the layout, cheaper."""
+    return {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": model_channels,
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": dtype,
+    }
+
+
 def build(path: str, seed: int) -> None:
     import comfy.cli_args
 
@@ -43,27 +68,7 @@ def build(path: str, seed: int) -> None:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     generator = torch.Generator().manual_seed(seed)
-    unet_config = {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "out_channels": 4,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "adm_in_channels": None,
-        "in_channels": 4,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4],
-        "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False,
-        "context_dim": 768,
-        "num_heads": 8,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-        "dtype": torch.float16,
-    }
+    unet_config = sd15_unet_config(torch.float16)
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.set_inference_dtype(torch.float16, None)
     base = model_config.get_model({})

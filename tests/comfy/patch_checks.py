@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.supported_models  # noqa: E402
+from make_checkpoint import randomize_  # noqa: E402  (this script's folder is on sys.path)
 
 import nodes  # noqa: E402  (ComfyUI's own nodes module)
 from diffbias_core import EditSpec, FeatureSet, SparseAutoencoder  # noqa: E402
@@ -32,16 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 torch.set_num_threads(2)
 
 
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(
-                    torch.randn(param.shape, generator=generator) / math.sqrt(math.prod(param.shape[1:]))
-                )
-            else:
-                param.copy_(torch.zeros(param.shape) if name.endswith("bias") else torch.ones(param.shape))
+def randomize_seeded(module: torch.nn.Module, seed: int) -> None:
+    """make_checkpoint's seeded random weights from a seed."""
+    randomize_(module, torch.Generator().manual_seed(seed))
 
 
 def patcher(base) -> comfy.model_patcher.ModelPatcher:
@@ -72,7 +65,7 @@ def tiny_unet():
         "dtype": torch.float32,
     }
     base = comfy.supported_models.SD15(config).get_model({})
-    randomize_(base.diffusion_model, 0)
+    randomize_seeded(base.diffusion_model, 0)
     return patcher(base)
 
 
@@ -96,7 +89,7 @@ def tiny_flux():
         "dtype": torch.float32,
     }
     base = comfy.supported_models.Flux(config).get_model({})
-    randomize_(base.diffusion_model, 1)
+    randomize_seeded(base.diffusion_model, 1)
     return patcher(base)
 
 
