@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
 from .model_info import check_hook, parse_hook
 from .patching import add_intervention
+from .widgets import seed_input
 from .wires import FeaturesType, SaeType, SaeWire
 
 MODES = ("balance", "push", "suppress")
@@ -113,14 +114,9 @@ class ApplyIntervention(io.ComfyNode):
                     tooltip="Edit only the conditional (positive) half of a CFG batch, as "
                     "DiffLens does; the unconditional prediction stays exact.",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=False,
-                    tooltip="Mixed with the sampler's seed to draw each image's class: the same "
-                    "sampler seed reproduces the image, a new one redraws the classes.",
+                seed_input(
+                    "Mixed with the sampler's seed to draw each image's class: the same "
+                    "sampler seed reproduces the image, a new one redraws the classes."
                 ),
             ],
             outputs=[

@@ -1,4 +1,4 @@
-"""Widget groups shared by the nodes that sample (Train Bias SAE, Attribute Bias Features).
+"""Widgets shared by several nodes (the sampling ones: Train Bias SAE, Attribute Bias Features; seeds).
 
 The order of the inputs is part of the public API: UI-format workflow files store widget values by
 position, so these helpers return the inputs in the order every node has always had them.
@@ -45,12 +45,12 @@ def sampler_inputs(*, cfg_tooltip: str, seed_tooltip: str) -> list:
             default="normal",
             tooltip="Scheduler, as in KSampler.",
         ),
-        io.Int.Input(
-            "seed",
-            default=0,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=False,
-            tooltip=seed_tooltip,
-        ),
+        seed_input(seed_tooltip),
     ]
+
+
+def seed_input(tooltip: str) -> io.Int.Input:
+    """A 64-bit ``seed`` widget (0 .. 2**64 - 1), left as set after each run."""
+    return io.Int.Input(
+        "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip=tooltip
+    )
