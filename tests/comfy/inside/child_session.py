@@ -133,7 +133,9 @@ def run_child(nodeids: list[str]) -> dict:
             phase = json.loads(line)
             results.setdefault(phase["nodeid"], []).append(phase)
     tail = log.read_text(errors="replace")[-6000:]
-    results[""] = f"child session: {' '.join(command)}\n(cwd {comfyui}) exit status {code}; output tail:\n{tail}"
+    results[""] = (
+        f"child session: {' '.join(command)}\n(cwd {comfyui}) exit status {code}; output tail:\n{tail}"
+    )
     if code in (0, 1):  # 0: all passed, 1: some failed (reported per test); otherwise keep the log
         shutil.rmtree(folder, ignore_errors=True)
     return results

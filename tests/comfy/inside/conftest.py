@@ -73,14 +73,18 @@ def make_sae(core):
 @pytest.fixture(scope="session")
 def make_features(core):
     """``make_features(sae, classes=("male", "female"), per_class=6, seed=3)``: a FeatureSet on ``sae``."""
-    return lambda sae, classes=("male", "female"), **options: harness.make_features(core, sae, classes, **options)
+    return lambda sae, classes=("male", "female"), **options: harness.make_features(
+        core, sae, classes, **options
+    )
 
 
 @pytest.fixture(scope="session")
 def apply_intervention(plugin):
     """``apply_intervention(model, sae, features, **widgets)``: the Apply Feature Intervention node's MODEL
     (widgets default to harness.APPLY_DEFAULTS)."""
-    return lambda model, sae, features, **widgets: harness.apply_intervention(plugin, model, sae, features, **widgets)
+    return lambda model, sae, features, **widgets: harness.apply_intervention(
+        plugin, model, sae, features, **widgets
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +106,8 @@ def sae_folder(monkeypatch):
     import folder_paths
 
     def point(*paths):
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(p) for p in paths], {".safetensors"}))
+        monkeypatch.setitem(
+            folder_paths.folder_names_and_paths, "sae", ([str(p) for p in paths], {".safetensors"})
+        )
 
     return point

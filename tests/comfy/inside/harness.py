@@ -154,14 +154,18 @@ def dit_block_inputs(
     return seen
 
 
-def make_sae(core: ModuleType, width: int, hook: str, family: str, latents: int = 96, k: int = 8, seed: int = 0):
+def make_sae(
+    core: ModuleType, width: int, hook: str, family: str, latents: int = 96, k: int = 8, seed: int = 0
+):
     """A seeded random per-token ``SparseAutoencoder`` of the plugin's core for a ``width``-channel hook."""
     sae = core.SparseAutoencoder(width, latents, k, hook=hook, model_family=family)
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     return sae
 
 
-def make_features(core: ModuleType, sae, classes: Sequence[str] = ("male", "female"), per_class: int = 6, seed: int = 3):
+def make_features(
+    core: ModuleType, sae, classes: Sequence[str] = ("male", "female"), per_class: int = 6, seed: int = 3
+):
     """A ``FeatureSet`` of the plugin's core on ``sae``: distinct random ids per class, descending scores."""
     ids = torch.randperm(sae.num_latents, generator=torch.Generator().manual_seed(seed))
     ids = ids[: per_class * len(classes)].reshape(len(classes), per_class)  # (classes, per_class)
@@ -260,13 +264,16 @@ def run_classes(plugin: Plugin, model, positive, negative, latent, seed: int) ->
     return seen
 
 
-
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bit-identical, or an AssertionError naming ``what`` with the count and size of the differences."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=lambda m: f"{what} is not bit-identical: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=0, atol=0, msg=lambda m: f"{what} is not bit-identical: {m}"
+    )
 
 
 def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Not equal anywhere would mean the edit is invisible: an AssertionError naming ``what``."""
     if torch.equal(actual, expected):
-        raise AssertionError(f"{what}: identical to the unedited run (shape {tuple(actual.shape)}): the edit changed nothing")
+        raise AssertionError(
+            f"{what}: identical to the unedited run (shape {tuple(actual.shape)}): the edit changed nothing"
+        )

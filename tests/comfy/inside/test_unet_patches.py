@@ -37,7 +37,9 @@ def test_patched_model_edits_and_leaves_the_input_model_alone(setup, conds, samp
     before = sample(model, *conds, latent())
     edited = sample(apply_intervention(model, sae, features), *conds, latent())
     assert_differs(edited, before, "the intervened sample")
-    assert_identical(sample(model, *conds, latent()), before, "the input model's sample after patching a clone")
+    assert_identical(
+        sample(model, *conds, latent()), before, "the input model's sample after patching a clone"
+    )
     options = model.model_options["transformer_options"]
     assert "patches" not in options, f"the input model got patches: {sorted(options.get('patches', {}))}"
 
@@ -47,18 +49,26 @@ def test_cond_only_leaves_the_uncond_prediction_bit_identical(setup, conds, appl
 
     model, sae, features = setup
     cond_plain, uncond_plain = first_step_predictions(model, *conds, latent())
-    cond_edit, uncond_edit = first_step_predictions(apply_intervention(model, sae, features), *conds, latent())
+    cond_edit, uncond_edit = first_step_predictions(
+        apply_intervention(model, sae, features), *conds, latent()
+    )
     assert_identical(uncond_edit, uncond_plain, "the uncond prediction with cond_only on")
     assert_differs(cond_edit, cond_plain, "the cond prediction with cond_only on")
     both = apply_intervention(model, sae, features, cond_only=False)
-    assert_differs(first_step_predictions(both, *conds, latent())[1], uncond_plain, "the uncond prediction with cond_only off")
+    assert_differs(
+        first_step_predictions(both, *conds, latent())[1],
+        uncond_plain,
+        "the uncond prediction with cond_only off",
+    )
 
 
 def test_neutral_strength_returns_the_input_model(setup, apply_intervention):
     model, sae, features = setup
     for edit, strength in (("add", 0.0), ("scale", 1.0)):
         neutral = apply_intervention(model, sae, features, edit=edit, strength=strength)
-        assert neutral is model, f"edit={edit} strength={strength} returned a patched copy, not the input model"
+        assert neutral is model, (
+            f"edit={edit} strength={strength} returned a patched copy, not the input model"
+        )
 
 
 def test_an_installed_neutral_edit_is_bit_identical(setup, conds, sample, plugin, core):
@@ -77,7 +87,9 @@ def test_an_installed_neutral_edit_is_bit_identical(setup, conds, sample, plugin
         cond_only=False,
     )
     assert "patches" in forced.model_options["transformer_options"], "add_intervention installed no patch"
-    assert_identical(sample(forced, *conds, latent()), sample(model, *conds, latent()), "the sample with a neutral edit")
+    assert_identical(
+        sample(forced, *conds, latent()), sample(model, *conds, latent()), "the sample with a neutral edit"
+    )
 
 
 def test_schedule_window_gates_the_edit(setup, conds, sample, apply_intervention):
@@ -85,7 +97,9 @@ def test_schedule_window_gates_the_edit(setup, conds, sample, apply_intervention
     late = apply_intervention(model, sae, features, start_percent=0.999, end_percent=1.0)
     inside = apply_intervention(model, sae, features, start_percent=0.0, end_percent=0.5)
     plain = sample(model, *conds, latent(), steps=1)
-    assert_identical(sample(late, *conds, latent(), steps=1), plain, "a 1-step sample with the window 0.999..1")
+    assert_identical(
+        sample(late, *conds, latent(), steps=1), plain, "a 1-step sample with the window 0.999..1"
+    )
     assert_differs(sample(inside, *conds, latent(), steps=1), plain, "a 1-step sample with the window 0..0.5")
 
 
@@ -101,9 +115,11 @@ def test_clone_shares_the_patch_and_the_sae_weights(setup, apply_intervention):
 
 def test_patch_to_returns_itself_and_computes_in_the_new_dtype(setup, apply_intervention):
     model, sae, features = setup
-    edit = apply_intervention(model, sae, features).model_options["transformer_options"]["patches"][
-        "output_block_patch"
-    ][0].fn
+    edit = (
+        apply_intervention(model, sae, features)
+        .model_options["transformer_options"]["patches"]["output_block_patch"][0]
+        .fn
+    )
     assert edit.to(torch.device("cpu")) is edit, ".to(device) did not return the patch itself"
     try:
         assert edit.to(torch.float16) is edit, ".to(dtype) did not return the patch itself"
@@ -136,6 +152,10 @@ def test_stacked_interventions_have_their_own_keys(setup, conds, plugin, make_fe
     key = plugin.module("nodes.patching").INTERVENTION_KEY
     assert sorted(seen) == [f"{key}_0", f"{key}_1"], f"run state keys {sorted(seen)}"
     race_labels = seen[f"{key}_1"]
-    assert [race_labels.count(c) for c in range(4)] == [2, 2, 2, 2], f"8 images over 4 races got {race_labels}"
+    assert [race_labels.count(c) for c in range(4)] == [2, 2, 2, 2], (
+        f"8 images over 4 races got {race_labels}"
+    )
     gender_labels = seen[f"{key}_0"]
-    assert [gender_labels.count(c) for c in range(2)] == [4, 4], f"8 images over 2 genders got {gender_labels}"
+    assert [gender_labels.count(c) for c in range(2)] == [4, 4], (
+        f"8 images over 2 genders got {gender_labels}"
+    )
