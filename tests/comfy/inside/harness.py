@@ -266,6 +266,7 @@ def run_classes(plugin: Plugin, model, positive, negative, latent, seed: int) ->
 
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bit-identical, or an AssertionError naming ``what`` with the count and size of the differences."""
+    __tracebackhide__ = True
     torch.testing.assert_close(
         actual, expected, rtol=0, atol=0, msg=lambda m: f"{what} is not bit-identical: {m}"
     )
@@ -273,6 +274,7 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
 
 def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Not equal anywhere would mean the edit is invisible: an AssertionError naming ``what``."""
+    __tracebackhide__ = True
     if torch.equal(actual, expected):
         raise AssertionError(
             f"{what}: identical to the unedited run (shape {tuple(actual.shape)}): the edit changed nothing"
