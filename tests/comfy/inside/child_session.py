@@ -62,7 +62,7 @@ class ChildResult(pytest.Item):
                 self.add_report_section(phase["when"], f"child {title}", text)
         for phase in phases:
             if phase["outcome"] == "failed":
-                raise ChildFailure(f"[in ComfyUI, {phase['when']}]\n{phase['longrepr']}")
+                raise ChildFailure(f"{phase['message']} [{phase['when']}, in ComfyUI]\n{phase['longrepr']}")
         for phase in phases:
             if phase["outcome"] == "skipped":
                 pytest.skip(phase["longrepr"])
@@ -148,7 +148,9 @@ def write_report(report: pytest.TestReport) -> None:
         text = longrepr[2]
     else:
         text = "" if longrepr is None else str(longrepr)
+    crash = getattr(getattr(longrepr, "reprcrash", None), "message", "") or text
     phase = {
+        "message": (crash.splitlines() or [""])[0],
         "nodeid": report.nodeid,
         "when": report.when,
         "outcome": report.outcome,
