@@ -67,6 +67,11 @@ class ChildResult(pytest.Item):
             if phase["outcome"] == "skipped":
                 pytest.skip(phase["longrepr"])
 
+    def child_duration(self, when: str) -> float | None:
+        """Seconds the child spent in phase ``when`` of this test (None before the child ran)."""
+        results = self.session.config.stash.get(_RESULTS, {})
+        return next((p["duration"] for p in results.get(self.nodeid, ()) if p["when"] == when), None)
+
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, ChildFailure):
             return str(excinfo.value)
@@ -153,6 +158,7 @@ def write_report(report: pytest.TestReport) -> None:
         "message": (crash.splitlines() or [""])[0],
         "nodeid": report.nodeid,
         "when": report.when,
+        "duration": report.duration,
         "outcome": report.outcome,
         "longrepr": text,
         "sections": [list(section) for section in report.sections if report.outcome != "passed"],

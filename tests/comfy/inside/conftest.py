@@ -42,6 +42,14 @@ else:
         items = yield
         return None if items is None else child_session.make_proxies(collector, items)
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = yield
+        if isinstance(item, child_session.ChildResult):  # --durations shows the child's time per test
+            duration = item.child_duration(report.when)
+            report.duration = report.duration if duration is None else duration
+        return report
+
 
 @pytest.fixture(scope="session")
 def plugin():
