@@ -14,6 +14,7 @@ from .apply import ApplyIntervention
 from .attribute import AttributeFeatures
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
+from .measure import MeasureBias
 from .train_sae import TrainSAE
 
 NODES: list[type[io.ComfyNode]] = [
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     SaveFeatures,
     LoadFeatures,
     PreviewFeatures,
+    MeasureBias,
 ]
 
 
