@@ -15,7 +15,7 @@ from .classifier import (
     save_probe,
 )
 from .measure import GroupFigures, MeasureReport, Preservation, measure, measure_images, preservation
-from .report import format_report, per_image_table
+from .report import format_fit, format_report, per_image_table
 
 __all__ = [
     "CalibrationConfig",
@@ -31,6 +31,7 @@ __all__ = [
     "Trial",
     "calibrate",
     "fit_probe",
+    "format_fit",
     "format_report",
     "load_probe",
     "measure",

@@ -307,6 +307,13 @@ def check_same_model(probe: LinearProbe, reference_now: Tensor, where: str) -> N
         )
 
 
+def embed_in_chunks(embed_fn: Callable[[Tensor], Tensor], images: Tensor, chunk: int) -> Tensor:
+    """``embed_fn`` over chunks of at most ``chunk`` images: (B, H, W, 3) -> (B, D) float32 on the CPU."""
+    step = max(int(chunk), 1)
+    parts = [embed_fn(images[i : i + step]) for i in range(0, images.shape[0], step)]
+    return torch.cat([p.detach().to("cpu", torch.float32) for p in parts])
+
+
 class EmbeddingClassifier:
     """An :class:`ImageClassifier`: a vision model's embedding, then a :class:`LinearProbe`.
 
@@ -325,12 +332,15 @@ class EmbeddingClassifier:
 
     def embed(self, images: Tensor) -> Tensor:
         """images: (B, H, W, 3) -> (B, D) float32 on the CPU."""
-        parts = [self._embed_fn(images[i : i + self._chunk]) for i in range(0, images.shape[0], self._chunk)]
-        return torch.cat([p.detach().to("cpu", torch.float32) for p in parts])
+        return embed_in_chunks(self._embed_fn, images, self._chunk)
 
     def probabilities(self, images: Tensor) -> Tensor:
         """images: (B, H, W, 3) -> (B, C) float32 class probabilities."""
         return self.probe.probabilities(self.embed(images))
+
+    def probabilities_of_embeddings(self, embeddings: Tensor) -> Tensor:
+        """embeddings: (B, D) from :meth:`embed` -> (B, C) float32 class probabilities."""
+        return self.probe.probabilities(embeddings)
 
 
 def save_probe(probe: LinearProbe, path: str | PathLike[str]) -> None:
@@ -403,6 +413,7 @@ __all__ = [
     "LinearProbe",
     "check_classifier",
     "check_same_model",
+    "embed_in_chunks",
     "fit_probe",
     "load_probe",
     "reference_image",
