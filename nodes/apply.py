@@ -17,7 +17,7 @@ EDITS = ("add", "scale")
 STRENGTH_LIMIT = 1000.0
 
 
-def _fixed_class(mode: str, target: str, classes: tuple[str, ...]) -> int | None:
+def fixed_class(mode: str, target: str, classes: tuple[str, ...]) -> int | None:
     """The one class of every image (push: a class name, or weights with one positive entry), SUPPRESS, or None."""
     if mode == "suppress":
         return SUPPRESS
@@ -188,7 +188,7 @@ def intervention_model(model, sae: SaeWire, features, settings: InterventionSett
             f"DiT hook {hook.name!r} needs a per-token SAE (kernel 1)"
         )
     weights = parse_target(target, features.classes) if mode == "balance" else (1.0,) * features.num_classes
-    fixed = _fixed_class(mode, target, features.classes)
+    fixed = fixed_class(mode, target, features.classes)
     spec = (
         EditSpec(mode="ablate", top_k=settings.top_k)
         if mode == "suppress"

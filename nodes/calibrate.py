@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..diffbias_core.intervention import parse_target
 from ..diffbias_core.measure import CalibrationConfig, calibrate, measure_images
 from ..diffbias_core.measure.classifier import check_classifier
-from .apply import EDITS, STRENGTH_LIMIT, InterventionSettings, _fixed_class, intervention_model
+from .apply import EDITS, STRENGTH_LIMIT, InterventionSettings, fixed_class, intervention_model
 from .measure import target_input
 from .measure_chart import calibration_chart
 from .sampling import RunSettings, decode, empty_latent, sample
@@ -29,7 +29,7 @@ def measurement_target(mode: str, target: str, feature_classes, classifier_class
         )
     if mode == "push":
         weights = [0.0] * len(feature_classes)
-        weights[_fixed_class(mode, target, tuple(feature_classes))] = 1.0
+        weights[fixed_class(mode, target, tuple(feature_classes))] = 1.0
     else:
         weights = list(parse_target(target, feature_classes))
     return tuple(weights[list(feature_classes).index(name)] for name in classifier_classes)

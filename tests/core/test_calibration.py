@@ -41,11 +41,12 @@ def test_weakest_strength_on_target_within_the_resolution(crossing):
     evaluate, calls = falling(crossing)
     config = CalibrationConfig(end=20.0, tolerance=0.01, resolution=0.1, max_runs=14)
     result = calibrate(evaluate, config, classes=("a", "b"))
-    # FD(s) = |share - 0.5| * sqrt(2) of the rounded share: <= 0.01 from s >= crossing * (1 - ~0.0177)
-    first_on_target = min(s for s in [i * crossing / 4000 for i in range(4001)]
-                          if measure(two_class_batch(0.9 - 0.4 * s / crossing), ("a", "b")).fd <= 0.01)  # fmt: skip
+    # FD = sqrt(2) |k / 200 - 1/2| with k = round(200 * share) images of class a: <= 0.01 once k <= 101, i.e.
+    # 200 * share < 101.5, share = 0.9 - 0.4 s / crossing < 0.5075: s > 0.98125 * crossing
+    first_on_target = 0.98125 * crossing
     assert result.on_target and result.fd <= 0.01
     assert first_on_target - 1e-9 <= result.strength <= first_on_target + 0.1 * result.strength + 1e-9
+    assert measure(two_class_batch(0.9 - 0.4 * first_on_target * 0.999 / crossing), ("a", "b")).fd > 0.01
     assert len(result.trials) == len(calls) == len(set(calls)) <= config.max_runs
     assert [t.strength for t in result.trials] == calls
     assert result.trials[0].phase == "start" and result.trials[0].strength == 0.0

@@ -291,3 +291,30 @@ def test_embedding_classifier_chunks_and_reads_images():
     assert isinstance(classifier, ImageClassifier)
     picture = reference_image(32)
     assert picture.shape == (1, 32, 32, 3) and 0 <= float(picture.min()) and float(picture.max()) <= 1
+
+
+def test_twins_are_embedded_with_the_images_in_one_call():
+    x, y = blobs(4, 2, 12, seed=6)
+    probe, _ = fit_probe(x, y, ("a", "b"))
+    calls = []
+
+    def embed(images):
+        calls.append(images.shape[0])
+        return images.flatten(1)[:, :12]
+
+    images = x.view(8, 2, 2, 3)
+    report = measure_images(EmbeddingClassifier(probe, embed, chunk=64), images, "1,1", images.flip(0))
+    assert calls == [16]
+    torch.testing.assert_close(report.probabilities, probe.probabilities(x))
+    cos = torch.nn.functional.cosine_similarity(x, x.flip(0), dim=-1).double()
+    torch.testing.assert_close(report.preservation.clip_i, (cos + 1) / 2)
+
+
+def test_fit_report_warns_near_chance():
+    from diffbias_core.measure import FitReport, format_fit
+
+    good = format_fit(FitReport((0.9, 1.0), (5, 5), (15, 15), 1.0), ("a", "b"))
+    assert "held-out accuracy (balanced) 0.950, chance 0.500" in good and "WARNING" not in good
+    assert "  a: 0.900 on 5 held-out images (15 used to fit)" in good
+    poor = format_fit(FitReport((0.6, 0.7), (5, 5), (15, 15), 1.0), ("a", "b"))
+    assert "WARNING: held-out accuracy is near chance" in poor
