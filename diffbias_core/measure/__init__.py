@@ -11,10 +11,9 @@ from .classifier import (
     ImageClassifier,
     LinearProbe,
     fit_probe,
-    load_probe,
-    save_probe,
 )
 from .measure import GroupFigures, MeasureReport, Preservation, measure, measure_images, preservation
+from .probe_file import load_probe, save_probe
 from .report import format_fit, format_report, per_image_table
 
 __all__ = [
