@@ -122,7 +122,9 @@ def preservation(
     pixel = (1.0 - difference.flatten(1).mean(1)).cpu()  # (B,)
     clip_i = None
     if embeddings is not None and twin_embeddings is not None:
-        cosine = F.cosine_similarity(embeddings.double(), twin_embeddings.double(), dim=-1)  # (B,)
+        cosine = F.cosine_similarity(embeddings.double(), twin_embeddings.double(), dim=-1).clamp(
+            -1.0, 1.0
+        )  # (B,)
         clip_i = ((cosine + 1.0) / 2.0).cpu()
     return Preservation(pixel, float(pixel.mean()), clip_i, None if clip_i is None else float(clip_i.mean()))
 
