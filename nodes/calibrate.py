@@ -49,7 +49,6 @@ class CalibrateIntervention(io.ComfyNode):
                 "search for the smallest FD when the tolerance is out of reach), in as few sampler runs as it "
                 "can. Wire 'strength' into Apply Feature Intervention's strength (same settings)."
             ),
-            not_idempotent=True,
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (unpatched); it is not changed."),
                 SaeType.Input("sae", tooltip="The SAE of the intervention."),

@@ -105,7 +105,6 @@ class TrainClassifier(io.ComfyNode):
                 "(multinomial logistic regression) on the embeddings. Reports its held-out accuracy per class. "
                 "It reads the images, never the hook an intervention edits, so it measures the result."
             ),
-            not_idempotent=True,
             inputs=[
                 io.ClipVision.Input(
                     "clip_vision",

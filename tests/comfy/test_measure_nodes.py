@@ -9,34 +9,17 @@ must load and measure the same images to the same figures.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from diffbias_core.metrics import fairness_discrepancy, kl_to_target
 
-from .comfy_server import comfy_env, execution_error
-from .conftest import CHECKPOINT, HERE
+from .comfy_server import execution_error
+from .conftest import CHECKPOINT
 
-CLIP_VISION = "diffbias_random_clip_vit_l.safetensors"
 GENDER = "sd15_hspace.gender.features.safetensors"
 SAMPLER = {"steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}
-
-
-@pytest.fixture(scope="module")
-def clip_vision(comfyui, cache_dir, server_base) -> str:
-    """The random ViT-L image encoder (cached beside the checkpoint), linked into the server's models/clip_vision."""
-    path = cache_dir / CLIP_VISION
-    if not path.is_file():
-        subprocess.run([sys.executable, str(HERE / "make_clip_vision.py"), str(path)], cwd=comfyui,
-                       env=comfy_env(comfyui), check=True, timeout=900)  # fmt: skip
-    folder = server_base / "models" / "clip_vision"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / CLIP_VISION).exists():
-        (folder / CLIP_VISION).symlink_to(path)
-    return CLIP_VISION
 
 
 def previews(prompt: dict, sources: dict[str, list]) -> dict:
