@@ -104,6 +104,21 @@ def _flux_like(image_model: str, hidden: int, axes: list[int], **more) -> dict:
 _UNET_HOOKS = "unet.input.0-3, unet.middle, unet.output.0-2"
 _UNET_PROBES = ("unet.input.1", "unet.middle", "unet.output.1")
 _IMAGE = (16, 8, 8)  # 16-channel latent, 64 px
+_WAN = {
+    "image_model": "wan2.1",
+    "model_type": "t2v",
+    "patch_size": (1, 2, 2),
+    "text_len": TOKENS,
+    "in_dim": 16,
+    "dim": 112,
+    "ffn_dim": 128,
+    "freq_dim": 32,
+    "text_dim": CONTEXT_DIM,
+    "out_dim": 16,
+    "num_heads": 2,
+    "num_layers": 2,
+    "dtype": F32,
+}
 _VIDEO = (16, 2, 8, 8)  # 16-channel latent, 2 latent frames of 64 px
 
 FAMILIES: tuple[Family, ...] = (
@@ -231,21 +246,7 @@ FAMILIES: tuple[Family, ...] = (
         "Wan",
         "wan",
         "WAN21_T2V",
-        {
-            "image_model": "wan2.1",
-            "model_type": "t2v",
-            "patch_size": (1, 2, 2),
-            "text_len": TOKENS,
-            "in_dim": 16,
-            "dim": 112,
-            "ffn_dim": 128,
-            "freq_dim": 32,
-            "text_dim": CONTEXT_DIM,
-            "out_dim": 16,
-            "num_heads": 2,
-            "num_layers": 2,
-            "dtype": F32,
-        },
+        _WAN,
         _VIDEO,
         "blocks",
         "dit.double.0-1",
@@ -297,6 +298,26 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+REFUSED: tuple[Family, ...] = (
+    Family(  # its blocks call the replace patches without transformer_options
+        "Wan 2.2 S2V",
+        "wan_s2v",
+        "WAN22_S2V",
+        {
+            **_WAN,
+            "model_type": "s2v",
+            "audio_dim": 16,
+            "audio_inject_layers": [0],
+            "cond_dim": 0,
+        },
+        _VIDEO,
+        "blocks",
+        "",
+        ("dit.double.0",),
+    ),
+)
+"""Variants of a family of the table that the plugin refuses (no hook points); probes: what a user would try."""
+
 
 def build(family: Family, seed: int = 0):
     """A CPU ModelPatcher of ``family``'s tiny model: ComfyUI's config and model classes, seeded weights.
@@ -334,4 +355,4 @@ def empty_latent(family: Family, batch: int) -> torch.Tensor:
     return torch.zeros(batch, *family.latent)
 
 
-__all__ = ["CONTEXT_DIM", "FAMILIES", "TOKENS", "Family", "build", "conditioning", "empty_latent"]
+__all__ = ["CONTEXT_DIM", "FAMILIES", "REFUSED", "TOKENS", "Family", "build", "conditioning", "empty_latent"]

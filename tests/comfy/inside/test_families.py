@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from .families import FAMILIES, TOKENS, Family, build, conditioning, empty_latent
+from .families import FAMILIES, REFUSED, TOKENS, Family, build, conditioning, empty_latent
 from .harness import assert_differs, assert_identical
 
 BATCH = 4
@@ -397,3 +397,46 @@ def test_each_image_gets_its_class_and_the_batch_follows_the_target(
         atol=tolerance,
         msg=lambda m: f"{family.name} {hook}: the change of the rows does not follow classes {classes}: {m}",
     )
+
+
+# ------------------------------------------------------------------------------------ refused variants
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in REFUSED])
+def test_refused_variant_has_no_hook_points_and_the_nodes_say_why(
+    family, plugin, make_sae, make_features, apply_intervention
+):
+    model_info = plugin.module("nodes.model_info")
+    model = build(family)
+    info = model_info.describe(model)
+    assert (info.family, info.hooks) == (family.family, ()), f"{family.name}: {info}"
+    for hook in family.probes:
+        sae = make_sae(64, hook, family.family)
+        with pytest.raises(ValueError) as refused:
+            apply_intervention(model, sae, make_features(sae, per_class=TOP_K))
+        message = str(refused.value)
+        assert family.family in message and "transformer_options" in message, (
+            f"{family.name} {hook}: {message}"
+        )
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in REFUSED])
+def test_refused_variant_really_lacks_the_seam(family, plugin, core, sample, make_sae, make_features):
+    """The patch installed anyway (the nodes would refuse) meets blocks that pass no transformer_options."""
+    model_info = plugin.module("nodes.model_info")
+    model = build(family)
+    net = model.get_model_object("diffusion_model")
+    for hook in family.probes:
+        sae = make_sae(net.dim, hook, family.family)
+        forced = plugin.module("nodes.patching").add_intervention(
+            model,
+            model_info.parse_hook(hook),
+            sae,
+            make_features(sae, per_class=TOP_K),
+            core.EditSpec(mode="add", strength=STRENGTH, top_k=TOP_K),
+            weights=(1.0, 1.0),
+            fixed=None,
+            seed=0,
+            window=(0.0, 1.0),
+            cond_only=True,
+        )
+        with pytest.raises(RuntimeError, match="without transformer_options"):
+            sample(forced, *conds(family), empty_latent(family, 2), steps=1, cfg=CFG)
