@@ -14,7 +14,7 @@ ComfyUI is imported inside the functions only: the parent pytest session imports
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -298,25 +298,54 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-REFUSED: tuple[Family, ...] = (
-    Family(  # its blocks call the replace patches without transformer_options
-        "Wan 2.2 S2V",
-        "wan_s2v",
-        "WAN22_S2V",
-        {
-            **_WAN,
-            "model_type": "s2v",
-            "audio_dim": 16,
-            "audio_inject_layers": [0],
-            "cond_dim": 0,
-        },
-        _VIDEO,
-        "blocks",
-        "",
-        ("dit.double.0",),
+
+class Refused(NamedTuple):
+    """A model the plugin offers no hook point on, and what its refusal must say."""
+
+    family: Family
+    """The model (``hooks`` empty; ``probes``: hook points a user would try)."""
+    says: str
+    """A phrase the nodes' message must hold besides the family name."""
+
+
+REFUSED: tuple[Refused, ...] = (
+    Refused(
+        Family(
+            "Wan 2.2 S2V",
+            "wan_s2v",
+            "WAN22_S2V",
+            {**_WAN, "model_type": "s2v", "audio_dim": 16, "audio_inject_layers": [0], "cond_dim": 0},
+            _VIDEO,
+            "blocks",
+            "",
+            ("dit.double.0",),
+        ),
+        "without transformer_options",
+    ),
+    Refused(
+        Family(  # a DiT with double and single blocks of a family outside the table
+            "Hunyuan3D 2",
+            "hunyuan3dv2",
+            "Hunyuan3Dv2",
+            {
+                "image_model": "hunyuan3d2",
+                "in_channels": 8,
+                "context_in_dim": CONTEXT_DIM,
+                "hidden_size": 64,
+                "num_heads": 2,
+                "depth": 1,
+                "depth_single_blocks": 1,
+                "dtype": F32,
+            },
+            (8, 16),
+            "double_blocks",
+            "",
+            ("dit.double.0", "dit.single.0"),
+        ),
+        "diffbias edits UNets and the DiT families",
     ),
 )
-"""Variants of a family of the table that the plugin refuses (no hook points); probes: what a user would try."""
+"""Models the plugin refuses: a variant of a family of the table whose seam is missing, a DiT outside it."""
 
 
 def build(family: Family, seed: int = 0):
@@ -355,4 +384,14 @@ def empty_latent(family: Family, batch: int) -> torch.Tensor:
     return torch.zeros(batch, *family.latent)
 
 
-__all__ = ["CONTEXT_DIM", "FAMILIES", "REFUSED", "TOKENS", "Family", "build", "conditioning", "empty_latent"]
+__all__ = [
+    "CONTEXT_DIM",
+    "FAMILIES",
+    "REFUSED",
+    "Refused",
+    "TOKENS",
+    "Family",
+    "build",
+    "conditioning",
+    "empty_latent",
+]
