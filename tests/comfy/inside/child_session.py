@@ -62,10 +62,15 @@ class ChildResult(pytest.Item):
                 self.add_report_section(phase["when"], f"child {title}", text)
         for phase in phases:
             if phase["outcome"] == "failed":
-                raise ChildFailure(f"[in ComfyUI, {phase['when']}]\n{phase['longrepr']}")
+                raise ChildFailure(f"{phase['message']} [{phase['when']}, in ComfyUI]\n{phase['longrepr']}")
         for phase in phases:
             if phase["outcome"] == "skipped":
                 pytest.skip(phase["longrepr"])
+
+    def child_duration(self, when: str) -> float | None:
+        """Seconds the child spent in phase ``when`` of this test (None before the child ran)."""
+        results = self.session.config.stash.get(_RESULTS, {})
+        return next((p["duration"] for p in results.get(self.nodeid, ()) if p["when"] == when), None)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, ChildFailure):
@@ -148,9 +153,12 @@ def write_report(report: pytest.TestReport) -> None:
         text = longrepr[2]
     else:
         text = "" if longrepr is None else str(longrepr)
+    crash = getattr(getattr(longrepr, "reprcrash", None), "message", "") or text
     phase = {
+        "message": (crash.splitlines() or [""])[0],
         "nodeid": report.nodeid,
         "when": report.when,
+        "duration": report.duration,
         "outcome": report.outcome,
         "longrepr": text,
         "sections": [list(section) for section in report.sections if report.outcome != "passed"],

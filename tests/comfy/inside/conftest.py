@@ -10,7 +10,11 @@ under tests/comfy.
 Writing a test here: a module ``test_*.py`` in this folder, using the fixtures below. Never import
 ``comfy``, ``nodes``, ``folder_paths`` or ``diffbias_core`` at a test module's top (the parent session
 imports the module without ComfyUI; the core under test is ``plugin.core``, the plugin's own copy);
-import ComfyUI modules inside the test or through ``harness.py``'s functions.
+import ComfyUI modules inside the test or through ``harness.py``'s functions: ``tiny_model`` (any
+``comfy.supported_models`` class from a small config; ``tiny_unet``, ``tiny_flux``), ``random_conds``,
+``first_step_predictions`` (cond / uncond of step 1), ``dit_block_inputs`` (what a DiT block receives),
+``run_classes`` (per-image classes of a run), ``assert_identical`` / ``assert_differs`` (messages that say
+what differed and by how much).
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ else:
     def pytest_pycollect_makeitem(collector, name, obj):
         items = yield
         return None if items is None else child_session.make_proxies(collector, items)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = yield
+        if isinstance(item, child_session.ChildResult):  # --durations shows the child's time per test
+            duration = item.child_duration(report.when)
+            report.duration = report.duration if duration is None else duration
+        return report
 
 
 @pytest.fixture(scope="session")

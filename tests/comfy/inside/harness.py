@@ -200,10 +200,19 @@ def apply_intervention(plugin: Plugin, model, sae, features, **widgets):
     return node.execute(model, wire, features, **{**APPLY_DEFAULTS, **widgets}).args[0]
 
 
-def tiny_unet(seed: int = 0, context_dim: int = 768):
-    """A ModelPatcher of ComfyUI's SD15 model class with a tiny UNet (32 channels, 2 levels; 64-ch bottleneck)."""
+def tiny_model(config_class: str, unet_config: dict, seed: int):
+    """A CPU ModelPatcher of ``comfy.supported_models.<config_class>`` built from ``unet_config`` (the dict
+    ComfyUI's model detection would produce, with small widths), float32 and seeded random weights."""
     import comfy.supported_models
 
+    model_config = getattr(comfy.supported_models, config_class)({"dtype": torch.float32, **unet_config})
+    base = model_config.get_model({})
+    randomize(base.diffusion_model, seed)
+    return patcher(base)
+
+
+def tiny_unet(seed: int = 0, context_dim: int = 768):
+    """ComfyUI's SD15 model class with a tiny UNet (32 channels, 2 levels; 64-channel bottleneck)."""
     from ..make_checkpoint import sd15_unet_config
 
     config = sd15_unet_config(torch.float32, model_channels=32)
@@ -215,15 +224,11 @@ def tiny_unet(seed: int = 0, context_dim: int = 768):
         transformer_depth_output=[1, 1, 1, 1],
         context_dim=context_dim,
     )
-    base = comfy.supported_models.SD15(config).get_model({})
-    randomize(base.diffusion_model, seed)
-    return patcher(base)
+    return tiny_model("SD15", config, seed)
 
 
 def tiny_flux(seed: int = 1):
-    """A ModelPatcher of ComfyUI's Flux model class: width 64, two double and two single blocks."""
-    import comfy.supported_models
-
+    """ComfyUI's Flux model class: width 64, two double and two single blocks, context 48, vec 32."""
     config = {
         "image_model": "flux",
         "in_channels": 16,
@@ -240,11 +245,8 @@ def tiny_flux(seed: int = 1):
         "theta": 10000,
         "qkv_bias": True,
         "guidance_embed": False,
-        "dtype": torch.float32,
     }
-    base = comfy.supported_models.Flux(config).get_model({})
-    randomize(base.diffusion_model, seed)
-    return patcher(base)
+    return tiny_model("Flux", config, seed)
 
 
 def run_classes(plugin: Plugin, model, positive, negative, latent, seed: int) -> dict[str, list[int]]:
