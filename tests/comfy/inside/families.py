@@ -4,7 +4,7 @@ Each :class:`Family` row names a ``comfy.supported_models`` config class and a s
 config ComfyUI detects from a real checkpoint of that family (same block kinds and layout, widths of
 32-128, two blocks per stage), the conditioning its ``comfy.model_base`` class reads, the latent shape it
 samples, the hook points the plugin must report for it and the hook points the tests intervene at. A
-sampling step of any of them takes a few milliseconds on a CPU.
+two-step sampler run of a batch of four takes well under a second of CPU time for any of them.
 
 The DiT widths differ from family to family and from every other width of their model (text, vector,
 latent channels), so that a width read from the wrong attribute cannot pass by coincidence.
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..make_checkpoint import randomize_, sd15_unet_config
+from ..make_checkpoint import sd15_unet_config
 
 F32 = torch.float32
 CONTEXT_DIM = 32
@@ -53,8 +53,6 @@ class Family:
     """The conditioning carries a (1, POOLED_DIM) ``pooled_output``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further conditioning entries the family's model reads (``guidance``, ``attention_mask``, ...)."""
-    after_config: dict[str, Any] = field(default_factory=dict)
-    """``unet_config`` entries set after the class applied its ``unet_extra_config`` (head sizes)."""
 
     def __str__(self) -> str:
         return self.name
@@ -123,29 +121,27 @@ _VIDEO = (16, 2, 8, 8)  # 16-channel latent, 2 latent frames of 64 px
 
 FAMILIES: tuple[Family, ...] = (
     Family("SD1.x", "sd15", "SD15", _unet(32, False, (1, 1)), (4, 8, 8), "", _UNET_HOOKS, _UNET_PROBES),
-    Family(
+    Family(  # SD2 and SDXL: 64 channels, their classes' attention head width
         "SD2.x",
         "sd2",
         "SD20",
-        _unet(32, True, (1, 1)),
+        _unet(64, True, (1, 1)),
         (4, 8, 8),
         "",
         _UNET_HOOKS,
         _UNET_PROBES,
-        after_config={"num_head_channels": 32},
     ),
     Family(
         "SDXL",
         "sdxl",
         "SDXL",
-        _unet(32, True, (0, 1), adm=POOLED_DIM + 6 * 256),
+        _unet(64, True, (0, 1), adm=POOLED_DIM + 6 * 256),
         (4, 8, 8),
         "",
         _UNET_HOOKS,
         _UNET_PROBES,
         pooled=True,
         extra={"width": 64, "height": 64},
-        after_config={"num_head_channels": 32},
     ),
     Family(
         "Flux",
@@ -349,25 +345,17 @@ REFUSED: tuple[Refused, ...] = (
 
 
 def build(family: Family, seed: int = 0):
-    """A CPU ModelPatcher of ``family``'s tiny model: ComfyUI's config and model classes, seeded weights.
+    """A CPU ModelPatcher of ``family``'s tiny model (``harness.tiny_model``: ComfyUI's config and model
+    classes, seeded weights); float buffers (SD3's position table, created empty) get N(0, 0.02) values."""
+    from .harness import tiny_model
 
-    Weights follow make_checkpoint's scheme; float buffers (SD3's position table, created empty) get
-    N(0, 0.02) values from the same generator.
-    """
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = getattr(comfy.supported_models, family.config_class)(family.config)
-    config.unet_config.update(family.after_config)
-    base = config.get_model({})
+    model = tiny_model(family.config_class, family.config, seed)
     generator = torch.Generator().manual_seed(seed)
-    randomize_(base.diffusion_model, generator)
     with torch.no_grad():
-        for buffer in base.diffusion_model.buffers():
+        for buffer in model.get_model_object("diffusion_model").buffers():
             if buffer.is_floating_point():
                 buffer.copy_(0.02 * torch.randn(buffer.shape, generator=generator))
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return model
 
 
 def conditioning(family: Family, seed: int) -> list:
