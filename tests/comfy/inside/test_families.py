@@ -47,42 +47,88 @@ class Plain(NamedTuple):
     """Per probe hook point, the first output of the block module it names (a tensor or a tuple)."""
 
 
-_PLAIN: dict[str, Plain] = {}
-_EDITED: dict[tuple[str, str], tuple[Tensor, list[Call], Any, Any]] = {}
+class Edited(NamedTuple):
+    """One run of the Apply node's model (add STRENGTH, balance over two classes, cond only)."""
+
+    output: Tensor
+    """The sampled latent."""
+    calls: list[Call]
+    """What the observer after the plugin's patch saw at the hook point."""
+    sae: Any
+    """The SAE of the edit (the hook's real width)."""
+    features: Any
+    """Its two-class feature set, TOP_K features per class."""
 
 
 def conds(family: Family) -> tuple[list, list]:
     return conditioning(family, seed=1), conditioning(family, seed=2)
 
 
-def plain_run(family: Family, sample) -> Plain:
-    """The unpatched model's run, observed at every probe hook point (built and sampled once per family)."""
-    if family.name not in _PLAIN:
-        model = build(family)
-        calls = {hook: [] for hook in family.probes}
-        module_out: dict[str, Any] = {}
-        watched = model
-        for hook in family.probes:
-            watched = watch(watched, hook, calls[hook])
-        net = model.get_model_object("diffusion_model")
+class Runs:
+    """The sampler runs the tests compare, each made once per module: a plain run per family (observed at
+    every probe hook point, with forward hooks on the named block modules) and an edited run per probe."""
 
-        def keep_first(hook):
-            def forward_hook(module, args, out) -> None:
-                if hook not in module_out:
-                    module_out[hook] = cloned(out)
+    def __init__(self, sample, make_sae, make_features, apply_intervention) -> None:
+        self.sample, self.make_sae, self.make_features = sample, make_sae, make_features
+        self.apply_intervention = apply_intervention
+        self._plain: dict[str, Plain] = {}
+        self._edited: dict[tuple[str, str], Edited] = {}
 
-            return forward_hook
+    def run(self, model, family: Family, batch: int = BATCH, steps: int = STEPS) -> Tensor:
+        return self.sample(model, *conds(family), empty_latent(family, batch), steps=steps, cfg=CFG)
 
-        handles = [
-            block_module(family, net, hook).register_forward_hook(keep_first(hook)) for hook in family.probes
-        ]
-        try:
-            output = sample(watched, *conds(family), empty_latent(family, BATCH), steps=STEPS, cfg=CFG)
-        finally:
-            for handle in handles:
-                handle.remove()
-        _PLAIN[family.name] = Plain(model, output, calls, module_out)
-    return _PLAIN[family.name]
+    def sae_and_features(self, family: Family, hook: str, width: int, sae_family: str | None = None):
+        sae = self.make_sae(width, hook, sae_family or family.family)
+        return sae, self.make_features(sae, per_class=TOP_K)
+
+    def plain(self, family: Family) -> Plain:
+        if family.name not in self._plain:
+            model = build(family)
+            calls = {hook: [] for hook in family.probes}
+            module_out: dict[str, Any] = {}
+            watched = model
+            for hook in family.probes:
+                watched = watch(watched, hook, calls[hook])
+            net = model.get_model_object("diffusion_model")
+
+            def keep_first(hook):
+                def forward_hook(module, args, out) -> None:
+                    if hook not in module_out:
+                        module_out[hook] = cloned(out)
+
+                return forward_hook
+
+            handles = [
+                block_module(family, net, hook).register_forward_hook(keep_first(hook))
+                for hook in family.probes
+            ]
+            try:
+                output = self.run(watched, family)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._plain[family.name] = Plain(model, output, calls, module_out)
+        return self._plain[family.name]
+
+    def width(self, family: Family, hook: str) -> int:
+        """The width of the activation at ``hook`` in the plain run."""
+        return width_of(family, first_step(self.plain(family).calls[hook])[0].img)
+
+    def edited(self, family: Family, hook: str) -> Edited:
+        key = (family.name, hook)
+        if key not in self._edited:
+            sae, features = self.sae_and_features(family, hook, self.width(family, hook))
+            patched = self.apply_intervention(
+                self.plain(family).model, sae, features, strength=STRENGTH, top_k=TOP_K
+            )
+            calls: list[Call] = []
+            self._edited[key] = Edited(self.run(watch(patched, hook, calls), family), calls, sae, features)
+        return self._edited[key]
+
+
+@pytest.fixture(scope="module")
+def runs(sample, make_sae, make_features, apply_intervention) -> Runs:
+    return Runs(sample, make_sae, make_features, apply_intervention)
 
 
 def hook_width(plugin, model, hook: str) -> int | None:
@@ -90,38 +136,30 @@ def hook_width(plugin, model, hook: str) -> int | None:
     return model_info.hook_width(model, model_info.parse_hook(hook))
 
 
-def real_width(family: Family, plain: Plain, hook: str) -> int:
-    return width_of(family, first_step(plain.calls[hook])[0].img)
-
-
-def features_for(make_sae, make_features, family: Family, hook: str, width: int):
-    sae = make_sae(width, hook, family.family)
-    return sae, make_features(sae, per_class=TOP_K)
-
-
-def edited_run(family, hook, sample, plugin, make_sae, make_features, apply_intervention):
-    """The Apply node's model (add STRENGTH, balance over two classes, cond only) sampled and observed."""
-    key = (family.name, hook)
-    if key not in _EDITED:
-        plain = plain_run(family, sample)
-        sae, features = features_for(make_sae, make_features, family, hook, real_width(family, plain, hook))
-        patched = apply_intervention(plain.model, sae, features, strength=STRENGTH, top_k=TOP_K)
-        calls: list[Call] = []
-        output = sample(
-            watch(patched, hook, calls), *conds(family), empty_latent(family, BATCH), steps=STEPS, cfg=CFG
-        )
-        _EDITED[key] = (output, calls, sae, features)
-    return _EDITED[key]
+def force_edit(plugin, core, model, hook: str, sae, features, strength: float, cond_only: bool):
+    """``patching.add_intervention`` called directly: the patch installed whatever the nodes would say."""
+    return plugin.module("nodes.patching").add_intervention(
+        model,
+        plugin.module("nodes.model_info").parse_hook(hook),
+        sae,
+        features,
+        core.EditSpec(mode="add", strength=strength, top_k=TOP_K),
+        weights=(1.0, 1.0),
+        fixed=None,
+        seed=0,
+        window=(0.0, 1.0),
+        cond_only=cond_only,
+    )
 
 
 # ------------------------------------------------------------------------------------------- detection
 @pytest.mark.parametrize("family", BY_FAMILY)
-def test_family_and_every_hook_point_are_detected_and_fire(family, plugin, sample):
+def test_family_and_every_hook_point_are_detected_and_fire(family, plugin, runs):
     """describe() names the family and exactly the model's hook points; the plugin's recorder at every one
     of them fires while sampling, with the width hook_width() reports."""
     model_info = plugin.module("nodes.model_info")
     patching = plugin.module("nodes.patching")
-    model = plain_run(family, sample).model
+    model = runs.plain(family).model
     info = model_info.describe(model)
     assert info.family == family.family, f"{family.name}: family detected as {info.family!r}"
     assert info.architecture == ("unet" if family.blocks == "" else "dit"), info
@@ -132,17 +170,17 @@ def test_family_and_every_hook_point_are_detected_and_fire(family, plugin, sampl
     for hook in info.hooks:
         sink = lambda captured, hook=hook: seen.setdefault(hook, width_of(family, captured.activations))  # noqa: E731
         recording = patching.add_recorder(recording, model_info.parse_hook(hook), sink, cond_only=False)
-    sample(recording, *conds(family), empty_latent(family, 2), steps=1, cfg=CFG)
+    runs.run(recording, family, batch=2, steps=1)
     expected = {hook: hook_width(plugin, model, hook) for hook in info.hooks}
     assert seen == expected, f"{family.name}: widths seen while sampling {seen}, reported {expected}"
 
 
 @pytest.mark.parametrize(("family", "hook"), PROBES)
-def test_hook_point_is_the_named_block_output_with_the_reported_width(family, hook, plugin, sample):
-    plain = plain_run(family, sample)
+def test_hook_point_is_the_named_block_output_with_the_reported_width(family, hook, plugin, runs):
+    plain = runs.plain(family)
     call = first_step(plain.calls[hook])[0]
     truth = plain.module_out[hook]
-    kind, _ = parse(hook)
+    kind, index = parse(hook)
     if kind == "single":  # the block's output: text tokens, then image tokens
         assert_identical(torch.cat([call.txt, call.img], dim=1), truth, f"{family.name} {hook}: block output")
     elif isinstance(truth, Tensor):
@@ -152,7 +190,7 @@ def test_hook_point_is_the_named_block_output_with_the_reported_width(family, ho
             isinstance(t, Tensor) and t.shape == call.img.shape and torch.equal(t, call.img) for t in truth
         ), (
             f"{family.name} {hook}: the image tokens at the patch point are none of the outputs of "
-            f"{family.blocks}[{parse(hook)[1]}] (shapes {[getattr(t, 'shape', None) for t in truth]})"
+            f"{family.blocks}[{index}] (shapes {[getattr(t, 'shape', None) for t in truth]})"
         )
     width = width_of(family, call.img)
     assert hook_width(plugin, plain.model, hook) == width, f"{family.name} {hook}: real width {width}"
@@ -161,105 +199,73 @@ def test_hook_point_is_the_named_block_output_with_the_reported_width(family, ho
 # -------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(("family", "hook"), PROBES)
 def test_wrong_width_and_wrong_family_saes_are_refused_before_sampling(
-    family, hook, plugin, sample, make_sae, make_features, apply_intervention
+    family, hook, runs, apply_intervention
 ):
-    plain = plain_run(family, sample)
-    width = real_width(family, plain, hook)
+    model, width = runs.plain(family).model, runs.width(family, hook)
     wrong = width + 8
-    sae, features = features_for(make_sae, make_features, family, hook, wrong)
     with pytest.raises(ValueError) as refused:
-        apply_intervention(plain.model, sae, features)
+        apply_intervention(model, *runs.sae_and_features(family, hook, wrong))
     message = str(refused.value)
     assert str(wrong) in message and str(width) in message, f"{family.name} {hook}: {message}"
 
     other = next(f.family for f in FAMILIES if f.family != family.family)
-    sae = make_sae(width, hook, other)
     with pytest.raises(ValueError) as refused:
-        apply_intervention(plain.model, sae, make_features(sae, per_class=TOP_K))
+        apply_intervention(model, *runs.sae_and_features(family, hook, width, sae_family=other))
     message = str(refused.value)
     assert repr(other) in message and repr(family.family) in message, f"{family.name} {hook}: {message}"
 
 
 # ------------------------------------------------------------------------------------------------ edits
 @pytest.mark.parametrize(("family", "hook"), PROBES)
-def test_neutral_edit_is_bit_identical(
-    family, hook, plugin, core, sample, make_sae, make_features, apply_intervention
-):
-    plain = plain_run(family, sample)
-    sae, features = features_for(make_sae, make_features, family, hook, real_width(family, plain, hook))
+def test_neutral_edit_is_bit_identical(family, hook, plugin, core, runs, apply_intervention):
+    plain = runs.plain(family)
+    sae, features = runs.sae_and_features(family, hook, runs.width(family, hook))
     for edit, strength in (("add", 0.0), ("scale", 1.0)):
         neutral = apply_intervention(plain.model, sae, features, edit=edit, strength=strength)
         assert neutral is plain.model, f"{family.name} {hook}: {edit} {strength} returned a patched copy"
-    forced = plugin.module("nodes.patching").add_intervention(  # installed although neutral
-        plain.model,
-        plugin.module("nodes.model_info").parse_hook(hook),
-        sae,
-        features,
-        core.EditSpec(mode="add", strength=0.0, top_k=TOP_K),
-        weights=(1.0, 1.0),
-        fixed=None,
-        seed=0,
-        window=(0.0, 1.0),
-        cond_only=False,
-    )
+    forced = force_edit(plugin, core, plain.model, hook, sae, features, strength=0.0, cond_only=False)
     calls: list[Call] = []
-    output = sample(
-        watch(forced, hook, calls), *conds(family), empty_latent(family, BATCH), steps=STEPS, cfg=CFG
-    )
-    assert len(calls) == len(plain.calls[hook]), (
-        f"{family.name} {hook}: the patched model called the hook differently"
-    )
-    assert_identical(
-        calls[0].img, plain.calls[hook][0].img, f"{family.name} {hook}: the activation after a neutral edit"
-    )
-    assert_identical(output, plain.output, f"{family.name} {hook}: the sample with a neutral edit")
+    output = runs.run(watch(forced, hook, calls), family)
+    assert len(calls) == len(plain.calls[hook]), f"{family.name} {hook}: the hook was called differently"
+    where = f"{family.name} {hook}"
+    assert_identical(calls[0].img, plain.calls[hook][0].img, f"{where}: the activation after a neutral edit")
+    assert_identical(output, plain.output, f"{where}: the sample with a neutral edit")
 
 
 @pytest.mark.parametrize(("family", "hook"), PROBES)
-def test_edit_changes_the_image_tokens_of_cond_rows_only(
-    family, hook, plugin, sample, make_sae, make_features, apply_intervention
-):
-    plain = plain_run(family, sample)
-    output, calls, _, _ = edited_run(
-        family, hook, sample, plugin, make_sae, make_features, apply_intervention
-    )
+def test_edit_changes_the_image_tokens_of_cond_rows_only(family, hook, runs):
+    plain, edited = runs.plain(family), runs.edited(family, hook)
     where = f"{family.name} {hook}"
-    assert_differs(output, plain.output, f"{where}: the sample")
-    assert_identical(
-        rows_of(calls, 1), rows_of(plain.calls[hook], 1), f"{where}: the uncond rows (cond_only)"
-    )
-    cond, cond_plain = rows_of(calls, 0), rows_of(plain.calls[hook], 0)
+    assert_differs(edited.output, plain.output, f"{where}: the sample")
+    before = plain.calls[hook]
+    assert_identical(rows_of(edited.calls, 1), rows_of(before, 1), f"{where}: the uncond rows (cond_only)")
+    cond, cond_plain = rows_of(edited.calls, 0), rows_of(before, 0)
     changed = (cond != cond_plain).flatten(2).any(-1) if family.blocks == "" else (cond != cond_plain).any(-1)
-    assert changed.all(), (
-        f"{where}: image tokens / channels left unedited in cond rows: {(~changed).sum()} of {changed.numel()}"
-    )
+    assert changed.all(), f"{where}: {(~changed).sum()} of {changed.numel()} positions of cond rows unedited"
     if family.blocks:  # DiT: the text tokens leave the block bit-identical
         for kind in (0, 1):
             assert_identical(
-                rows_of(calls, kind, "txt"), rows_of(plain.calls[hook], kind, "txt"), f"{where}: text tokens"
+                rows_of(edited.calls, kind, "txt"), rows_of(before, kind, "txt"), f"{where}: text"
             )
 
 
 @pytest.mark.parametrize(("family", "hook"), PROBES)
-def test_each_image_gets_its_class_and_the_batch_follows_the_target(
-    family, hook, plugin, sample, make_sae, make_features, apply_intervention
-):
+def test_each_image_gets_its_class_and_the_batch_follows_the_target(family, hook, plugin, runs):
     """Each cond row moves by exactly STRENGTH * (sum of the decoder rows of its class's features), the
     classes in the run state are two of each, and the rows say which."""
     patching = plugin.module("nodes.patching")
-    plain = plain_run(family, sample)
-    _, calls, sae, features = edited_run(
-        family, hook, sample, plugin, make_sae, make_features, apply_intervention
-    )
-    states = [v for k, v in calls[0].options.items() if k.startswith(patching.INTERVENTION_KEY)]
+    edited = runs.edited(family, hook)
+    states = [v for k, v in edited.calls[0].options.items() if k.startswith(patching.INTERVENTION_KEY)]
     assert len(states) == 1, f"run states in transformer_options: {states}"
     classes = states[0].image_class.tolist()
     assert sorted(classes) == [0, 0, 1, 1], f"{family.name} {hook}: classes {classes} for a uniform target"
 
-    decoder = sae.w_dec_flat.detach()  # (latents, width)
-    shift = torch.stack([STRENGTH * decoder[features.ids[c][:TOP_K]].sum(0) for c in range(2)])  # (2, width)
+    decoder = edited.sae.w_dec_flat.detach()  # (latents, width)
+    shift = torch.stack(
+        [STRENGTH * decoder[edited.features.ids[c][:TOP_K]].sum(0) for c in range(2)]
+    )  # (2, width)
     assert (shift[0] - shift[1]).abs().max() > 1.0, "the two classes' edits are too alike to tell apart"
-    before, after = rows_of(plain.calls[hook], 0), rows_of(calls, 0)
+    before, after = rows_of(runs.plain(family).calls[hook], 0), rows_of(edited.calls, 0)
     delta = after - before
     if family.blocks == "":
         delta = delta.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
@@ -274,46 +280,30 @@ def test_each_image_gets_its_class_and_the_batch_follows_the_target(
     )
 
 
-# ------------------------------------------------------------------------------------ refused models
+# ------------------------------------------------------------------------------------------ refused models
 @pytest.mark.parametrize("refused", [pytest.param(r, id=r.family.name) for r in REFUSED])
-def test_refused_model_has_no_hook_points_and_the_nodes_say_why(
-    refused, plugin, make_sae, make_features, apply_intervention
-):
+def test_refused_model_has_no_hook_points_and_the_nodes_say_why(refused, plugin, runs, apply_intervention):
     family = refused.family
-    model_info = plugin.module("nodes.model_info")
     model = build(family)
-    info = model_info.describe(model)
+    info = plugin.module("nodes.model_info").describe(model)
     assert (info.family, info.hooks) == (family.family, ()), f"{family.name}: {info}"
     for hook in family.probes:
-        sae = make_sae(64, hook, family.family)
         with pytest.raises(ValueError) as stopped:
-            apply_intervention(model, sae, make_features(sae, per_class=TOP_K))
+            apply_intervention(model, *runs.sae_and_features(family, hook, 64))
         message = str(stopped.value)
-        assert repr(family.family) in message or f" {family.family} " in message, f"{family.name}: {message}"
-        assert refused.says in message, f"{family.name} {hook}: {message}"
+        assert family.family in message and refused.says in message, f"{family.name} {hook}: {message}"
 
 
 @pytest.mark.parametrize(
     "family", [pytest.param(r.family, id=r.family.name) for r in REFUSED if "transformer_options" in r.says]
 )
-def test_refused_variant_really_lacks_the_seam(family, plugin, core, sample, make_sae, make_features):
+def test_refused_variant_really_lacks_the_seam(family, plugin, core, runs):
     """The patch installed anyway (the nodes would refuse) meets blocks that pass no transformer_options."""
-    model_info = plugin.module("nodes.model_info")
     model = build(family)
-    net = model.get_model_object("diffusion_model")
+    width = model.get_model_object("diffusion_model").dim
     for hook in family.probes:
-        sae = make_sae(net.dim, hook, family.family)
-        forced = plugin.module("nodes.patching").add_intervention(
-            model,
-            model_info.parse_hook(hook),
-            sae,
-            make_features(sae, per_class=TOP_K),
-            core.EditSpec(mode="add", strength=STRENGTH, top_k=TOP_K),
-            weights=(1.0, 1.0),
-            fixed=None,
-            seed=0,
-            window=(0.0, 1.0),
-            cond_only=True,
+        forced = force_edit(
+            plugin, core, model, hook, *runs.sae_and_features(family, hook, width), STRENGTH, True
         )
         with pytest.raises(RuntimeError, match="without transformer_options"):
-            sample(forced, *conds(family), empty_latent(family, 2), steps=1, cfg=CFG)
+            runs.run(forced, family, batch=2, steps=1)
