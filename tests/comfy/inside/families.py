@@ -101,6 +101,7 @@ def _flux_like(image_model: str, hidden: int, axes: list[int], **more) -> dict:
 # blocks 0-3; the last output block has no hook (nothing follows it to patch).
 _UNET_HOOKS = "unet.input.0-3, unet.middle, unet.output.0-2"
 _UNET_PROBES = ("unet.input.1", "unet.middle", "unet.output.1")
+_UNET_LATENT = (4, 4, 4)  # 4-channel latent, 32 px: 4x4 and 2x2 maps at the two levels
 _IMAGE = (16, 8, 8)  # 16-channel latent, 64 px
 _WAN = {
     "image_model": "wan2.1",
@@ -120,13 +121,13 @@ _WAN = {
 _VIDEO = (16, 2, 8, 8)  # 16-channel latent, 2 latent frames of 64 px
 
 FAMILIES: tuple[Family, ...] = (
-    Family("SD1.x", "sd15", "SD15", _unet(32, False, (1, 1)), (4, 8, 8), "", _UNET_HOOKS, _UNET_PROBES),
+    Family("SD1.x", "sd15", "SD15", _unet(32, False, (1, 1)), _UNET_LATENT, "", _UNET_HOOKS, _UNET_PROBES),
     Family(  # SD2 and SDXL: 64 channels, their classes' attention head width
         "SD2.x",
         "sd2",
         "SD20",
         _unet(64, True, (1, 1)),
-        (4, 8, 8),
+        _UNET_LATENT,
         "",
         _UNET_HOOKS,
         _UNET_PROBES,
@@ -136,12 +137,12 @@ FAMILIES: tuple[Family, ...] = (
         "sdxl",
         "SDXL",
         _unet(64, True, (0, 1), adm=POOLED_DIM + 6 * 256),
-        (4, 8, 8),
+        _UNET_LATENT,
         "",
         _UNET_HOOKS,
         _UNET_PROBES,
         pooled=True,
-        extra={"width": 64, "height": 64},
+        extra={"width": 32, "height": 32},
     ),
     Family(
         "Flux",
