@@ -226,7 +226,6 @@ def test_neutral_edit_is_bit_identical(family, hook, plugin, core, runs, apply_i
     forced = force_edit(plugin, core, plain.model, hook, sae, features, strength=0.0, cond_only=False)
     calls: list[Call] = []
     output = runs.run(watch(forced, hook, calls), family)
-    assert len(calls) == len(plain.calls[hook]), f"{family.name} {hook}: the hook was called differently"
     where = f"{family.name} {hook}"
     assert_identical(calls[0].img, plain.calls[hook][0].img, f"{where}: the activation after a neutral edit")
     assert_identical(output, plain.output, f"{where}: the sample with a neutral edit")
