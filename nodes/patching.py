@@ -105,8 +105,14 @@ class _DitBlockPatch(_SharedPatch):
         self.previous = previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        transformer_options = args.get("transformer_options")
+        if transformer_options is None:  # without it the rows' cond/uncond kinds and classes are unknown
+            raise RuntimeError(
+                "diffbias: this model calls its DiT block patches without transformer_options, so the edit "
+                "cannot tell the conditional rows of a batch from the unconditional ones; this model "
+                "family is not supported"
+            )
         out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        transformer_options = args.get("transformer_options") or {}
         img = out["img"]
         if not self.single:
             return {**out, "img": self.fn(img, transformer_options)}
