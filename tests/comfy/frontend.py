@@ -16,6 +16,7 @@ Used by test_frontend.py and make_thumbnails.py; imports nothing of this folder 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -152,15 +153,20 @@ class Frontend:
             "(n) => app.graph.nodes.length === n && !app.configuringGraph", arg=nodes, timeout=timeout_ms
         )
 
-    def thumbnail_sizes(self, category: str) -> dict[str, tuple[int, int]]:
-        """Natural size of each card's thumbnail image in the template browser ((0, 0) when not loaded)."""
+    def thumbnail_sizes(self, category: str, timeout_ms: float = 15_000) -> dict[str, tuple[int, int]]:
+        """Natural size of each card's thumbnail in the template browser, (0, 0) for a card whose image has not
+        loaded within ``timeout_ms`` (the page fetches them one by one after the cards are drawn)."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         dialog = self.open_templates()
         dialog.get_by_role("option", name=category, exact=True).click()
         dialog.locator("[data-testid^='template-workflow-']").first.wait_for()
-        self.page.wait_for_function(
-            "() => [...document.querySelectorAll(\"[data-testid^='template-workflow-'] img\")]"
-            ".every(img => img.complete)"
-        )
+        with contextlib.suppress(PlaywrightTimeout):
+            self.page.wait_for_function(
+                "() => [...document.querySelectorAll(\"[data-testid^='template-workflow-'] img\")]"
+                ".every(img => img.naturalWidth > 0)",
+                timeout=timeout_ms,
+            )
         return {
             name: tuple(size)
             for name, size in self.evaluate(
