@@ -31,8 +31,9 @@ CATEGORY = "diffbias"
 """The plugin's folder name in the test server's custom_nodes: the template browser's category."""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chromium(comfyui) -> str:
+    """The Chromium binary; found before any server starts, so that a machine without one skips at once."""
     path, reason = find_chromium()
     if path is None:
         if os.environ.get("CI"):
@@ -73,7 +74,7 @@ def baseline(comfyui, browser, tmp_path_factory) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def frontend_server(server, sd15_checkpoint):
+def frontend_server(chromium, server, sd15_checkpoint):
     """The session server, with the checkpoint names the examples store present (linked to the random one),
     so that every combo value of a file is one the page can offer."""
     folder = Path(server.base) / "models" / "checkpoints"
