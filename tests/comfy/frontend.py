@@ -5,8 +5,12 @@ Facts this module relies on, measured on frontend 1.27.10:
   LiteGraph graph, ``app.graphToPrompt()`` the API prompt, ``app.extensionManager.command.execute(id)`` runs a
   command and ``app.extensionManager.setting`` reads and writes settings.
 - The template browser opens from the sidebar button ``.templates-tab-button``; it is a ``role=dialog`` whose left
-  list (``role=option``) names each plugin's folder under "Custom Nodes"; a card is ``data-testid=template-workflow-<name>`` and its
-  thumbnail is ``/api/workflow_templates/<folder>/<name>.jpg``. Clicking a card loads the workflow and closes it.
+  list (``role=option``) names each plugin's folder under "Custom Nodes" (pages narrower than about 1280 px fold
+  that list away); a card is ``data-testid=template-workflow-<name>``, its thumbnail
+  ``/api/workflow_templates/<folder>/<name>.jpg``. Clicking a card loads the workflow and closes the dialog.
+- A first visit (setting ``Comfy.TutorialCompleted`` unset) opens the template browser by itself on a blank graph.
+- Widgets: ``node.widgets`` in ``widgets_values`` order, each with ``name``, ``value``, ``callback`` and
+  ``options.values`` (combos) / ``options.min``, ``options.max`` (numbers).
 - The Run button is ``data-testid=queue-button``; it POSTs ``/api/prompt``.
 - A workflow with unknown node types opens a "Some Nodes Are Missing" dialog.
 - The page asks api.comfy.org for release notes and node packs: every request not to the server is aborted.
@@ -274,10 +278,6 @@ class Frontend:
                 return found;
             }"""
         )
-
-    def set_setting(self, name: str, value: Any) -> None:
-        """Change a frontend setting (stored on the server for its user)."""
-        self.evaluate("([name, value]) => app.extensionManager.setting.set(name, value)", [name, value])
 
     def screenshot(self, path: Path, quality: int | None = None, hide: tuple[str, ...] = ()) -> Path:
         """Write a screenshot of the page, elements matching the CSS selectors ``hide`` hidden; JPEG when
