@@ -364,7 +364,11 @@ class FeatureEdit(_SharedPatch):
 
 
 class InterventionWrapper:
-    """OUTER_SAMPLE wrapper: draws the image classes of one run from its seed; removes them afterwards."""
+    """OUTER_SAMPLE wrapper: draws the image classes of one run from its seed; removes them afterwards.
+
+    Arguments after ``seed`` are handed to ``executor`` as they came: ComfyUI 0.3.64 passes none, newer
+    ComfyUI passes ``latent_shapes=`` (see docs/comfyui-compat.md).
+    """
 
     def __init__(self, state_key: str, plan: ClassPlan, start_percent: float, end_percent: float) -> None:
         self.state_key = state_key
@@ -383,6 +387,7 @@ class InterventionWrapper:
         callback=None,
         disable_pbar=False,
         seed=None,
+        **later,
     ):
         guider = executor.class_obj
         sampling = guider.model_patcher.get_model_object("model_sampling")
@@ -395,7 +400,9 @@ class InterventionWrapper:
         options[self.state_key] = state
         logger.debug("diffbias: %s image classes %s", self.state_key, state.image_class.tolist())
         try:
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+            return executor(
+                noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **later
+            )
         finally:
             options.pop(self.state_key, None)
 
