@@ -127,6 +127,16 @@ def new_sae_path(name: str) -> str:
     return os.path.join(folder, name + SAE_SUFFIX)
 
 
+def free_path(path: str, tag: str) -> str:
+    """``path`` with ``.<tag>`` before its suffix (``.<tag>-2``, ``-3``, ... when taken): a name no file has."""
+    stem, suffix = path.removesuffix(SAE_SUFFIX), SAE_SUFFIX
+    candidate, number = f"{stem}.{tag}{suffix}", 1
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = f"{stem}.{tag}-{number}{suffix}"
+    return candidate
+
+
 def features_path(sae_path: str, name: str) -> str:
     """Where a feature set called ``name`` for the SAE at ``sae_path`` is written: beside that SAE."""
     name = check_name(name, "file name").removesuffix(FEATURES_SUFFIX).removesuffix(SAE_SUFFIX)
@@ -149,6 +159,7 @@ __all__ = [
     "display_name",
     "feature_choices",
     "features_path",
+    "free_path",
     "missing_folder_message",
     "new_sae_path",
     "register_folder",

@@ -1,0 +1,161 @@
+"""Fault cases of the nodes inside a real ComfyUI process; prints one JSON object of results.
+
+Run by tests/comfy/test_reliability.py as ``python reliability_checks.py CHECK...`` (cwd = ComfyUI, with
+ComfyUI, the torchvision stub and this folder on PYTHONPATH). The plugin is loaded by ComfyUI's own loader;
+a small random-weight UNet of the SD1.5 layout (make_checkpoint's config, 32 channels) samples on the CPU
+through ComfyUI's own sampler, and the SAE folder is a temporary one registered with folder_paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import comfy.cli_args
+import torch
+
+comfy.cli_args.args.cpu = True
+
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+from make_checkpoint import randomize_, sd15_unet_config  # noqa: E402  (this script's folder is on sys.path)
+
+import nodes  # noqa: E402  (ComfyUI's own nodes module)
+
+REPO = Path(__file__).resolve().parents[2]
+torch.set_num_threads(2)
+
+
+def small_unet(dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's SD1.5 UNet with 32 base channels (bottleneck 128 wide), seeded random weights."""
+    base = comfy.supported_models.SD15(sd15_unet_config(dtype, model_channels=32)).get_model({})
+    randomize_(base.diffusion_model, torch.Generator().manual_seed(0))
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+class PromptClip:
+    """Text encoder for the small UNet: a seeded (1, 77, 768) conditioning per prompt text."""
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens: str) -> list:
+        seed = sum(map(ord, tokens)) % 2**31
+        return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def load_plugin() -> dict:
+    if not asyncio.run(nodes.load_custom_node(str(REPO))):
+        raise RuntimeError("ComfyUI could not load the plugin")
+    return {key: value for key, value in nodes.NODE_CLASS_MAPPINGS.items() if key.startswith("DiffBias")}
+
+
+class SaeFolder:
+    """A temporary folder registered as ComfyUI's ``sae`` model folder for the duration of a check."""
+
+    def __enter__(self) -> Path:
+        self._tmp = tempfile.TemporaryDirectory()
+        self._saved = folder_paths.folder_names_and_paths.get("sae")
+        folder_paths.folder_names_and_paths["sae"] = ([self._tmp.name], {".safetensors"})
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            folder_paths.folder_names_and_paths["sae"] = self._saved
+        self._tmp.cleanup()
+
+
+def train_inputs(**overrides) -> dict:
+    """Train Bias SAE widgets for the small UNet (64 px: a 1x1 bottleneck, one row per image and step)."""
+    inputs = dict(prompts="a photo of a person\na photo of a doctor", negative_prompt="", width=64, height=64,
+                  steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", seed=0, images=48, batch_size=8,
+                  hook="unet.middle", latents=64, k=4, file_name="my_sae")  # fmt: skip
+    inputs.update(overrides)
+    return inputs
+
+
+def interrupt_at_model_call(model, call: int) -> list:
+    """Make ComfyUI's interrupt flag go up at the ``call``-th model call of ``model`` (a real user cancel)."""
+    calls: list[int] = []
+
+    def cancel_later(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            comfy.model_management.interrupt_current_processing(True)
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_cancel", cancel_later)
+    return calls
+
+
+def run_interrupted(fn) -> bool:
+    """Run ``fn``; True when it ended with ComfyUI's InterruptProcessingException. Clears the flag after."""
+    try:
+        fn()
+    except comfy.model_management.InterruptProcessingException:
+        return True
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ case 1
+def check_cancel_keeps_existing(mapping) -> dict:
+    """Cancel Train Bias SAE late in a run whose file name is taken: the old SAE and its features survive."""
+    from diffbias_core import FeatureSet, SparseAutoencoder, load_sae, save_features, save_sae
+
+    out = {}
+    with SaeFolder() as folder:
+        old = SparseAutoencoder(128, 512, 8, hook="unet.middle", model_family="sd15")
+        old.reset_parameters(torch.Generator().manual_seed(3))
+        save_sae(old, folder / "my_sae.safetensors")
+        ids = torch.arange(5, dtype=torch.int64)
+        scores = torch.linspace(1, 0, 5)
+        features = FeatureSet(("a", "b"), (ids, ids + 5), (scores, scores), old.fingerprint(), "unet.middle", "ig")
+        save_features(features, folder / "my_sae.gender.features.safetensors")
+        before = (folder / "my_sae.safetensors").read_bytes()
+        model = small_unet()
+        interrupt_at_model_call(model, 4 * 4 + 2)  # in the 5th of 6 runs (one model call per step)
+        out["interrupted"] = run_interrupted(lambda: mapping["DiffBiasTrainSAE"].execute(model, PromptClip(),
+                                                                                         **train_inputs()))
+        out["existing_unchanged"] = (folder / "my_sae.safetensors").read_bytes() == before
+        out["features_still_match"] = True
+        try:
+            from diffbias_core import load_features
+
+            load_features(folder / "my_sae.gender.features.safetensors").check_matches(
+                load_sae(folder / "my_sae.safetensors")
+            )
+        except ValueError:
+            out["features_still_match"] = False
+        partial = folder / "my_sae.cancelled.safetensors"
+        out["partial_written"] = partial.is_file()
+        if partial.is_file():
+            out["partial_steps"] = int(load_sae(partial).provenance["steps"])
+        out["files"] = sorted(p.name for p in folder.iterdir())
+    return out
+
+
+CHECKS = {
+    "cancel_keeps_existing": check_cancel_keeps_existing,
+}
+
+
+def main() -> None:
+    mapping = load_plugin()
+    results = {}
+    for name in sys.argv[1:] or list(CHECKS):
+        results[name] = CHECKS[name](mapping)
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

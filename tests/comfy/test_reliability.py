@@ -1,0 +1,28 @@
+"""Reliability of the nodes in a real ComfyUI process: nothing lost, nothing silently wrong (issue 13).
+
+Each test runs one check of reliability_checks.py (a small random UNet, ComfyUI's own sampler and
+interrupt flag, a temporary SAE folder) and reads its JSON results.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import run_comfy_script
+
+
+def check(comfyui: str, name: str) -> dict:
+    output = run_comfy_script(comfyui, "reliability_checks.py", name)
+    line = next(line for line in output.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))[name]
+
+
+def test_reliability_cancel_never_replaces_an_existing_sae(comfyui):
+    """Case 1: cancelling Train Bias SAE keeps the SAE of that name and its feature sets; the partial
+    result goes to <name>.cancelled.safetensors."""
+    out = check(comfyui, "cancel_keeps_existing")
+    assert out["interrupted"]
+    assert out["partial_written"], out["files"]
+    assert out["partial_steps"] > 0
+    assert out["existing_unchanged"]
+    assert out["features_still_match"]
