@@ -18,7 +18,7 @@ from . import distributed as ddp
 from .activations import ShardSet
 from .attribution import AttributionConfig, attribute
 from .features import save_features
-from .formats import FormatError, load_sae
+from .formats import FormatError, check_writable_name, load_sae
 from .probes import ProbeConfig, fit_probes
 from .progress import Progress
 from .train import TrainConfig, rows_per_activation, train_sae
@@ -131,6 +131,7 @@ def train_command(args: argparse.Namespace) -> int:
 def attribute_command(args: argparse.Namespace) -> int:
     """Fit per-step probes on labelled shards and rank the SAE's features per class."""
     try:
+        check_writable_name(args.out)
         shards = ShardSet(args.shards)
         sae = load_sae(args.sae)
         config = AttributionConfig(method=args.method, baseline=args.baseline, top_k=args.top_k,

@@ -146,6 +146,38 @@ def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict
         raise FormatError(f"{path}: could not be read as safetensors ({error})") from None
 
 
+_TEMP_SUFFIX = ".tmp"
+_TEMP_EXTRA = len(".") + len(".") + 10 + len(".") + 8 + len(_TEMP_SUFFIX)
+"""Characters a temporary name adds to the final one: ``.<name>.<pid>.<8 random>.tmp`` (pid up to 10 digits)."""
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _name_max(folder: Path) -> int:
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_writable_name(path: str | PathLike[str]) -> None:
+    """Raise ValueError unless the file name of ``path`` and the temporary name :func:`atomic_write` gives it
+    both fit the folder's name limit (255 bytes on most file systems). Call it before work that ends in a write."""
+    path = Path(path)
+    limit = _name_max(path.parent)
+    size = len(path.name.encode("utf-8"))
+    if size + _TEMP_EXTRA > limit:
+        raise ValueError(
+            f"file name {path.name!r} is {size} bytes long; with the temporary name used while it is written "
+            f"(+{_TEMP_EXTRA}) it exceeds the {limit}-byte limit of {path.parent}: use a name of at most "
+            f"{limit - _TEMP_EXTRA} bytes"
+        )
+
+
 def atomic_write(path: str | PathLike[str], write: Callable[[str], None]) -> None:
     """Run ``write(temp_path)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -153,8 +185,9 @@ def atomic_write(path: str | PathLike[str], write: Callable[[str], None]) -> Non
     re-raises. The file is readable by everyone (0644), not private as mkstemp makes it.
     """
     path = Path(path)
+    check_writable_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
         write(temp)
@@ -372,6 +405,7 @@ __all__ = [
     "FormatError",
     "atomic_write",
     "check_metadata_version",
+    "check_writable_name",
     "load_sae",
     "read_header",
     "read_safetensors",

@@ -482,8 +482,12 @@ def train_sae(
     files are still written). Ctrl-C also writes them, then re-raises KeyboardInterrupt. With
     torch.distributed initialized, each process trains on every world-size-th chunk.
     """
-    from .train_state import load_checkpoint, save_checkpoint
+    from .formats import check_writable_name
+    from .train_state import load_checkpoint, save_checkpoint, state_path
 
+    for target in [out] if checkpoint is None else [out, checkpoint, state_path(checkpoint)]:
+        if target is not None:
+            check_writable_name(target)  # before any work: a name that cannot be written loses the run
     options = dict(sae_options or {})
     kernel_size = int(options.get("kernel_size", 1))
     rank, world = ddp.world()

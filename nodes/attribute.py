@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import comfy.utils
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 import torch
 from comfy_api.latest import io, ui
 
@@ -30,6 +31,24 @@ def as_map(activations: torch.Tensor) -> torch.Tensor:
     if activations.ndim == 4:
         return activations
     return activations.permute(0, 2, 1).unsqueeze(-1)  # (n, T, C) -> (n, C, T, 1)
+
+
+def check_map_size(model, sae: SparseAutoencoder, point, width: int, height: int) -> None:
+    """Before sampling: a K x K-kernel SAE at the UNet bottleneck needs a K x K map at this image size."""
+    if sae.kernel_size == 1 or point.name != "unet.middle":
+        return
+    net = model.get_model_object("diffusion_model")
+    halvings = sum(isinstance(m, Downsample) for m in net.input_blocks.modules())
+    size = [height // 8, width // 8]  # the latent (empty_latent)
+    for _ in range(halvings):
+        size = [-(-n // 2) for n in size]  # a stride-2 convolution with padding 1: ceil(n / 2)
+    if size != [sae.kernel_size, sae.kernel_size]:
+        scale = 8 * 2**halvings
+        raise ValueError(
+            f"this SAE has a {sae.kernel_size}x{sae.kernel_size} kernel and codes the whole bottleneck map, but "
+            f"at {width}x{height} the map is {size[1]}x{size[0]}; set width and height to "
+            f"{sae.kernel_size * scale} (the size it was trained for) or use a per-token SAE"
+        )
 
 
 def autograd_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
@@ -136,6 +155,7 @@ class AttributeFeatures(io.ComfyNode):
         names, prompts = parse_class_prompts(class_prompts)
         point = parse_hook(sae.sae.hook)
         check_hook(model, point, sae.sae.d_in, sae.sae.model_family)
+        check_map_size(model, sae.sae, point, width, height)
         runs = plan_runs(len(prompts), [samples] * len(prompts), batch_size, seed, paired=True)
         progress = comfy.utils.ProgressBar(len(runs) * steps + 1)
         parts: list[ActivationBatch] = []

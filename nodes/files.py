@@ -14,7 +14,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..diffbias_core.formats import FormatError
+from ..diffbias_core.formats import FormatError, check_writable_name
 from ..diffbias_core.importers import WEIGHT_FILES, layout_folder
 
 SAE_FOLDER = "sae"
@@ -123,6 +123,7 @@ def new_sae_path(name: str) -> str:
     """Where a trained SAE called ``name`` is written: the default SAE folder (created if missing)."""
     name = check_name(name, "file name").removesuffix(SAE_SUFFIX)
     folder = sae_folders()[0]
+    check_writable_name(os.path.join(folder, f"{name}.cancelled-99{SAE_SUFFIX}"))  # its longest form (free_path)
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name + SAE_SUFFIX)
 
@@ -140,7 +141,9 @@ def free_path(path: str, tag: str) -> str:
 def features_path(sae_path: str, name: str) -> str:
     """Where a feature set called ``name`` for the SAE at ``sae_path`` is written: beside that SAE."""
     name = check_name(name, "file name").removesuffix(FEATURES_SUFFIX).removesuffix(SAE_SUFFIX)
-    return os.path.join(os.path.dirname(os.path.abspath(sae_path)), name + FEATURES_SUFFIX)
+    path = os.path.join(os.path.dirname(os.path.abspath(sae_path)), name + FEATURES_SUFFIX)
+    check_writable_name(path)
+    return path
 
 
 def display_name(path: str) -> str:

@@ -58,6 +58,16 @@ def load_plugin() -> dict:
     return {key: value for key, value in nodes.NODE_CLASS_MAPPINGS.items() if key.startswith("DiffBias")}
 
 
+def plugin_module(suffix: str):
+    """The plugin's module ``<plugin>.<suffix>`` as ComfyUI's loader imported it."""
+    return sys.modules[f"{str(REPO).replace('.', '_x_')}.{suffix}"]
+
+
+def sae_wire(sae, path: str = "/nonexistent/sae.safetensors"):
+    """A DIFFBIAS_SAE wire value (the plugin's SaeWire) for an SAE made in the check."""
+    return plugin_module("nodes.wires").SaeWire(sae, path)
+
+
 class SaeFolder:
     """A temporary folder registered as ComfyUI's ``sae`` model folder for the duration of a check."""
 
@@ -144,8 +154,58 @@ def check_cancel_keeps_existing(mapping) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 2
+def count_model_calls(model) -> list:
+    calls: list[int] = []
+
+    def counting(executor, *args, **kwargs):
+        calls.append(1)
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_count", counting)
+    return calls
+
+
+def attribute_inputs(**overrides) -> dict:
+    """Attribute Bias Features widgets for the small UNet (64 px: a 1x1 bottleneck)."""
+    inputs = dict(class_prompts="a photo of a male person\na photo of a female person", negative_prompt="",
+                  width=64, height=64, samples=4, batch_size=4, steps=3, cfg=5.0, sampler_name="euler",
+                  scheduler="normal", seed=0, method="integrated gradients", top_k=5)  # fmt: skip
+    inputs.update(overrides)
+    return inputs
+
+
+def error_of(fn) -> str:
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - the check reports whatever the node raised
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def check_late_failures_first(mapping) -> dict:
+    """A file name too long for its temporary form, and a kernel-2 SAE at a size whose bottleneck is 1x1:
+    both refused before the first model call."""
+    out = {}
+    with SaeFolder():
+        model = small_unet()
+        calls = count_model_calls(model)
+        name = "n" * 236  # 'n...n.safetensors' is 248 bytes: a valid name, its temporary form is not
+        out["long_name_error"] = error_of(lambda: mapping["DiffBiasTrainSAE"].execute(
+            model, PromptClip(), **train_inputs(images=2, batch_size=2, file_name=name)))
+        out["long_name_model_calls"] = len(calls)
+        from diffbias_core import SparseAutoencoder
+
+        sae = SparseAutoencoder(128, 64, 4, kernel_size=2, hook="unet.middle", model_family="sd15")
+        out["kernel_error"] = error_of(lambda: mapping["DiffBiasAttributeFeatures"].execute(
+            model, PromptClip(), sae_wire(sae), **attribute_inputs()))
+        out["kernel_model_calls"] = len(calls)
+    return out
+
+
 CHECKS = {
     "cancel_keeps_existing": check_cancel_keeps_existing,
+    "late_failures_first": check_late_failures_first,
 }
 
 

@@ -26,3 +26,13 @@ def test_reliability_cancel_never_replaces_an_existing_sae(comfyui):
     assert out["partial_steps"] > 0
     assert out["existing_unchanged"]
     assert out["features_still_match"]
+
+
+def test_reliability_late_failures_are_checked_before_sampling(comfyui):
+    """Case 2: a Train file name whose temporary form is too long, and a kernel-2 SAE at an image size with a
+    1x1 bottleneck, fail before the first model call with a message saying what to change."""
+    out = check(comfyui, "late_failures_first")
+    assert "exceeds the 255-byte limit" in out["long_name_error"], out["long_name_error"]
+    assert out["long_name_model_calls"] == 0
+    assert "2x2 kernel" in out["kernel_error"] and "128" in out["kernel_error"], out["kernel_error"]
+    assert out["kernel_model_calls"] == 0
