@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 
-from diffbias_core import cli_dissect
+from diffbias_core import cli_dissect, train_state
 from diffbias_core.activations import MemorySource, make_batch, write_shard
+from diffbias_core.formats import load_sae, read_header
 from diffbias_core.train import TrainConfig, train_sae
+from diffbias_core.train_state import state_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 
@@ -51,3 +54,37 @@ def test_reliability_attribute_cli_checks_its_output_name_first(tmp_path, capsys
                 "--out", tmp_path / ("f" * 240 + ".safetensors")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "exceeds the 255-byte limit" in err and "missing_sae" not in err
+
+
+# ------------------------------------------------------------------------------------------------ case 3
+def _weights(path):
+    sae = load_sae(path)
+    return [getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")]
+
+
+def test_reliability_crash_between_checkpoint_writes_resumes_exactly(tmp_path, monkeypatch):
+    """Case 3: a crash after the state sidecar was written but before the SAE file loses nothing: the resume
+    continues from the state and ends bit-identical to an uninterrupted run."""
+    source = MemorySource(make_batch(rows(1024, seed=1), 0), hook="test.hook")
+    config = TrainConfig(num_latents=16, k=2, batch_size=32, warmup_steps=0, epochs=2, checkpoint_every=8, seed=3)
+    reference = train_sae(source, config, out=tmp_path / "ref.safetensors", checkpoint=tmp_path / "ref.ckpt.safetensors")
+    calls = []
+    real = train_state.write_current
+
+    def crash_on_third(trainer, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")  # the sidecar of the 3rd checkpoint is written, the SAE file is not
+        real(trainer, path)
+
+    ckpt = tmp_path / "run.ckpt.safetensors"
+    monkeypatch.setattr(train_state, "write_current", crash_on_third)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_sae(source, config, out=tmp_path / "run.safetensors", checkpoint=ckpt)
+    monkeypatch.setattr(train_state, "write_current", real)
+    sidecar_steps = json.loads(read_header(state_path(ckpt))[1]["run"])["step"]
+    assert load_sae(ckpt).provenance["steps"] != str(sidecar_steps)  # the torn pair of the issue
+    resumed = train_sae(source, config, out=tmp_path / "run.safetensors", checkpoint=ckpt, resume=True)
+    assert resumed.stats.step == reference.stats.step and resumed.stats.rows == reference.stats.rows
+    for mine, ref in zip(_weights(tmp_path / "run.safetensors"), _weights(tmp_path / "ref.safetensors"), strict=True):
+        assert torch.equal(mine, ref)
