@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from diffbias_core.train import TrainConfig, train_sae
 from diffbias_core.train_state import state_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(argv) -> int:
@@ -87,4 +94,61 @@ def test_reliability_crash_between_checkpoint_writes_resumes_exactly(tmp_path, m
     resumed = train_sae(source, config, out=tmp_path / "run.safetensors", checkpoint=ckpt, resume=True)
     assert resumed.stats.step == reference.stats.step and resumed.stats.rows == reference.stats.rows
     for mine, ref in zip(_weights(tmp_path / "run.safetensors"), _weights(tmp_path / "ref.safetensors"), strict=True):
+        assert torch.equal(mine, ref)
+
+
+# ------------------------------------------------------------------------------------------------ case 4
+def test_reliability_sigint_then_resume_is_exact(tmp_path):
+    """Case 4: Ctrl-C in the middle of a chunk (here: inside an optimizer step) stops at the end of that chunk,
+    so the resume neither re-feeds nor skips rows: it ends bit-identical to an uninterrupted run."""
+    source = MemorySource(make_batch(rows(1000, seed=2), 0), hook="test.hook")
+    config = TrainConfig(num_latents=16, k=2, batch_size=32, warmup_steps=0, epochs=2, seed=4, buffer_batches=2)
+    reference = train_sae(source, config, out=tmp_path / "ref.safetensors", checkpoint=tmp_path / "ref.ckpt.safetensors")
+
+    def ctrl_c_at_step_10(stats) -> None:
+        if stats.step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out, ckpt = tmp_path / "run.safetensors", tmp_path / "run.ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(source, config, out=out, checkpoint=ckpt, progress=ctrl_c_at_step_10)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = train_sae(source, config, out=out, checkpoint=ckpt, resume=True)
+    assert (resumed.stats.step, resumed.stats.rows) == (reference.stats.step, reference.stats.rows)
+    for mine, ref in zip(_weights(out), _weights(tmp_path / "ref.safetensors"), strict=True):
+        assert torch.equal(mine, ref)
+
+
+def _train_cli(shard, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "diffbias_core", "train-sae", str(shard), "--latents", "16",
+                             "--k", "2", "--batch-size", "16", "--steps", "1200", "--warmup-steps", "0",
+                             "--out", str(out), *extra], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_reliability_sigkill_then_resume_continues_from_the_default_checkpoint(tmp_path):
+    """Case 4: with the default options a SIGKILLed train-sae has a checkpoint, and --resume continues from it
+    to the same final SAE as an uninterrupted run; --resume without a checkpoint says so (rc 2)."""
+    shard = tmp_path / "acts.safetensors"
+    write_shard(shard, make_batch(rows(512, seed=5), 0), hook="test.hook")
+    reference = _train_cli(shard, tmp_path / "ref.safetensors")
+    assert reference.wait(timeout=240) == 0, reference.communicate()[1]
+    out = tmp_path / "run.safetensors"
+    state = tmp_path / "run.ckpt.state.safetensors"
+    missing = _train_cli(shard, out, "--resume")
+    _, err = missing.communicate(timeout=240)
+    assert missing.returncode == 2 and "no checkpoint" in err and "without --resume" in err, err
+    killed = _train_cli(shard, out)
+    deadline = time.monotonic() + 240
+    while not state.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed: make it longer"
+    assert state.exists()
+    resumed = _train_cli(shard, out, "--resume")
+    stdout, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert "trained 1200 steps" in stdout
+    for mine, ref in zip(_weights(out), _weights(tmp_path / "ref.safetensors"), strict=True):
         assert torch.equal(mine, ref)
