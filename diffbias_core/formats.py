@@ -14,9 +14,12 @@ can run code. Every error is a :class:`FormatError` naming the file, what was ex
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
@@ -24,11 +27,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .sae import SparseAutoencoder
+from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
+from .tensorfile import write_file
 
+logger = logging.getLogger(__name__)
 SAE_FORMAT = "diffbias.sae"
 """Value of the ``format`` metadata key of a native SAE file."""
 SAE_VERSION = 1
@@ -40,13 +46,6 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
-_TORCH_DTYPES = {
-    name: getattr(torch, attr)
-    for name, attr in {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-                       "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
-                       "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64"}.items()
-    if hasattr(torch, attr)
-}  # fmt: skip
 _FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -164,6 +163,57 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+_STALE_AFTER_S = 3600.0
+"""Age after which a temporary file whose writer cannot be told (older layouts) counts as left over."""
+_SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # what safetensors' own save_file left when killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | PathLike[str]) -> list[Path]:
+    """Remove the temporary files that writes of ``path`` left when their process was killed; returns them.
+
+    Ours are ``.<name>.<pid>.<random>.tmp``: removed when process ``pid`` is gone. Nameless leftovers of older
+    versions (``.<name>.<random>.tmp``, and safetensors' own ``.tmpXXXXXX`` in the folder) go after an hour.
+    """
+    path = Path(path)
+    removed = []
+    try:
+        candidates = list(path.parent.iterdir()) if path.parent.is_dir() else []
+    except OSError:
+        return removed
+    now = time.time()
+    prefix = f".{path.name}."
+    for candidate in candidates:
+        name = candidate.name
+        if name.startswith(prefix) and name.endswith(_TEMP_SUFFIX):
+            pid = name[len(prefix) :].split(".", 1)[0]
+            stale = not _alive(int(pid)) if pid.isdigit() and pid.isascii() else None
+        elif _SAFETENSORS_TEMP.match(name):
+            stale = None
+        else:
+            continue
+        try:
+            if stale is None:
+                stale = now - candidate.lstat().st_mtime > _STALE_AFTER_S
+            if stale and candidate.is_file():
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            continue  # another writer got there first, or not ours to remove
+    if removed:
+        logger.info("removed %d temporary file(s) left by killed writes: %s", len(removed), [str(p) for p in removed])
+    return removed
+
+
 def check_writable_name(path: str | PathLike[str]) -> None:
     """Raise ValueError unless the file name of ``path`` and the temporary name :func:`atomic_write` gives it
     both fit the folder's name limit (255 bytes on most file systems). Call it before work that ends in a write."""
@@ -182,11 +232,13 @@ def atomic_write(path: str | PathLike[str], write: Callable[[str], None]) -> Non
     """Run ``write(temp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     Nothing appears at ``path`` unless ``write`` finished: a failure removes the temporary file and
-    re-raises. The file is readable by everyone (0644), not private as mkstemp makes it.
+    re-raises. The file is readable by everyone (0644), not private as mkstemp makes it. Temporary files of
+    ``path`` left by a killed process (its id is in their name) are removed first.
     """
     path = Path(path)
     check_writable_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     handle, temp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
@@ -205,7 +257,8 @@ def write_safetensors(
 ) -> None:
     """Write a safetensors file atomically (see :func:`atomic_write`)."""
     refuse_pickle(Path(path))
-    atomic_write(path, lambda temp: save_file(dict(tensors), temp, metadata=dict(metadata)))
+    cpu = {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}  # must be contiguous
+    atomic_write(path, lambda temp: write_file(temp, cpu, metadata))
 
 
 def check_metadata_version(
@@ -409,6 +462,7 @@ __all__ = [
     "load_sae",
     "read_header",
     "read_safetensors",
+    "remove_stale_temporaries",
     "sae_metadata",
     "save_sae",
     "write_safetensors",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffbias_core import cli_dissect, train_state
+from diffbias_core import SparseAutoencoder, cli_dissect, save_sae, train_state
 from diffbias_core.activations import MemorySource, make_batch, write_shard
 from diffbias_core.formats import load_sae, read_header
 from diffbias_core.train import TrainConfig, train_sae
@@ -152,3 +152,42 @@ def test_reliability_sigkill_then_resume_continues_from_the_default_checkpoint(t
     assert "trained 1200 steps" in stdout
     for mine, ref in zip(_weights(out), _weights(tmp_path / "ref.safetensors"), strict=True):
         assert torch.equal(mine, ref)
+
+
+# ------------------------------------------------------------------------------------------------ case 5
+_SLOW_SAVE = """
+import sys, torch
+from diffbias_core import SparseAutoencoder, save_sae
+sae = SparseAutoencoder(1024, 16384, 8)  # 128 MiB of float32 weights
+print("ready", flush=True)
+save_sae(sae, sys.argv[1])
+"""
+
+
+def test_reliability_sigkill_during_save_leaves_nothing_after_the_next_write(tmp_path):
+    """Case 5: a save killed half-way leaves its temporary file; the next write of that file removes it (and
+    an older version's leftovers after an hour), and ComfyUI-style listings (*.safetensors) never show one."""
+    target = tmp_path / "big.safetensors"
+    writer = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(target)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert writer.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and writer.poll() is None:
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.stat().st_size > 0]
+        if temps:
+            break
+        time.sleep(0.001)
+    writer.kill()
+    writer.wait(timeout=60)
+    assert writer.returncode == -signal.SIGKILL and not target.exists(), "the save finished before the kill"
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers and all(name.startswith(".") for name in leftovers)
+    assert not list(tmp_path.glob("*.safetensors")), "a temporary file would be listed"
+    old_ours, old_theirs = tmp_path / ".big.safetensors.k3j4l5m6.tmp", tmp_path / ".tmpA1b2C3"
+    for old in (old_ours, old_theirs):
+        old.write_bytes(b"x" * 100)
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+    young = tmp_path / ".tmpZ9y8X7"
+    young.write_bytes(b"x")  # someone's write in progress: not touched
+    save_sae(SparseAutoencoder(8, 16, 2), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [young.name, target.name]
