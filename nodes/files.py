@@ -122,6 +122,11 @@ def check_name(name: str, what: str) -> str:
 def new_sae_path(name: str) -> str:
     """Where a trained SAE called ``name`` is written: the default SAE folder (created if missing)."""
     name = check_name(name, "file name").removesuffix(SAE_SUFFIX)
+    if (name + SAE_SUFFIX).lower().endswith(FEATURES_SUFFIX):
+        raise ValueError(
+            f"file name {name!r}: names ending in '.features' are where feature sets live, and an SAE written there "
+            f"would replace one; pick a name without '.features', e.g. {name[: -len('.features')] or 'my'}_sae"
+        )
     folder = sae_folders()[0]
     check_writable_name(os.path.join(folder, f"{name}.cancelled-99{SAE_SUFFIX}"))  # its longest form (free_path)
     os.makedirs(folder, exist_ok=True)

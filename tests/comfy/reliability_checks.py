@@ -203,7 +203,25 @@ def check_late_failures_first(mapping) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 6
+def check_train_name_in_feature_namespace(mapping) -> dict:
+    """Train Bias SAE named like a feature set: refused before sampling, the feature set unchanged."""
+    out = {}
+    with SaeFolder() as folder:
+        existing = folder / "bias.features.safetensors"
+        existing.write_bytes(b"a feature set")
+        model = small_unet()
+        calls = count_model_calls(model)
+        for name in ("bias.features", "bias.features.safetensors", "bias.FEATURES"):
+            out[name] = error_of(lambda name=name: mapping["DiffBiasTrainSAE"].execute(
+                model, PromptClip(), **train_inputs(images=2, batch_size=2, file_name=name)))
+        out["model_calls"] = len(calls)
+        out["unchanged"] = existing.read_bytes() == b"a feature set"
+    return out
+
+
 CHECKS = {
+    "train_name_in_feature_namespace": check_train_name_in_feature_namespace,
     "cancel_keeps_existing": check_cancel_keeps_existing,
     "late_failures_first": check_late_failures_first,
 }

@@ -36,3 +36,12 @@ def test_reliability_late_failures_are_checked_before_sampling(comfyui):
     assert out["long_name_model_calls"] == 0
     assert "2x2 kernel" in out["kernel_error"] and "128" in out["kernel_error"], out["kernel_error"]
     assert out["kernel_model_calls"] == 0
+
+
+def test_reliability_train_never_writes_into_the_feature_namespace(comfyui):
+    """Case 6: a Train file_name ending in '.features' is refused before sampling; the feature set survives."""
+    out = check(comfyui, "train_name_in_feature_namespace")
+    for name in ("bias.features", "bias.features.safetensors", "bias.FEATURES"):
+        assert "names ending in '.features'" in out[name], out
+    assert out["model_calls"] == 0
+    assert out["unchanged"]
