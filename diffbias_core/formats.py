@@ -9,6 +9,8 @@ by ``importers.py``; :func:`load_sae` dispatches to them.
 Every file is checked before safetensors parses it: the 8-byte header length and every tensor's data offsets
 must fit in the file. Pickle-based files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) are refused: loading them
 can run code. Every error is a :class:`FormatError` naming the file, what was expected and what was found.
+Every file written records a SHA-256 digest of each tensor and of the header (``tensorfile.py``); reading
+verifies them (files without digests, from older versions or other tools, load as before).
 """
 
 from __future__ import annotations
@@ -26,13 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from .sae import SparseAutoencoder
 from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
-from .tensorfile import write_file
+from .tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
 
 logger = logging.getLogger(__name__)
 SAE_FORMAT = "diffbias.sae"
@@ -137,12 +137,74 @@ def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
 
 
 def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Checked load of a whole safetensors file to CPU: (tensors, metadata)."""
-    _, metadata = read_header(path)
+    """Checked load of a whole safetensors file to CPU, its digests verified when it has them: (tensors, metadata)."""
+    tensors, metadata, _ = read_verified(path)
+    return tensors, metadata
+
+
+def _data_start(path: str | PathLike[str]) -> int:
+    with open(path, "rb") as file:
+        return 8 + int.from_bytes(file.read(8), "little")
+
+
+def _recorded_digests(path, header: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str] | None:
+    """The recorded per-tensor digests after checking the header's own digest; None for a file without."""
+    text = metadata.get(DIGESTS_KEY)
+    if text is None:
+        return None
     try:
-        return load_file(os.fspath(path), device="cpu"), metadata
-    except (SafetensorError, OSError, RuntimeError) as error:
+        record = json.loads(text)
+        tensors, head = record["tensors"], record["header"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise FormatError(f"{path}: metadata {DIGESTS_KEY!r} is damaged (not the JSON this code writes)") from None
+    if not isinstance(tensors, dict) or set(tensors) != set(header) or not isinstance(head, str):
+        raise FormatError(
+            f"{path}: the recorded digests name tensors {sorted(tensors) if isinstance(tensors, dict) else tensors!r}, "
+            f"the file holds {sorted(header)}: the file was damaged"
+        )
+    if header_digest(metadata, header) != head:
+        raise FormatError(
+            f"{path}: the header (metadata, tensor dtypes or shapes) does not match its recorded digest: the "
+            "file was damaged or edited; get a good copy again"
+        )
+    return tensors
+
+
+def _compare_digests(path, recorded: Mapping[str, str], found: Mapping[str, str]) -> None:
+    bad = sorted(name for name in recorded if recorded[name] != found.get(name))
+    if bad:
+        raise FormatError(
+            f"{path}: the data of tensor(s) {bad} does not match the recorded digest: the file was damaged (a bad "
+            "copy, download or disk); get a good copy again"
+        )
+
+
+def read_verified(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str] | None]:
+    """:func:`read_safetensors` that also returns the verified per-tensor digests (None: the file has none)."""
+    header, metadata = read_header(path)
+    recorded = _recorded_digests(path, header, metadata)
+    try:
+        tensors, found = read_file(os.fspath(path), header, _data_start(path), digests=recorded is not None)
+    except (OSError, EOFError, RuntimeError) as error:
         raise FormatError(f"{path}: could not be read as safetensors ({error})") from None
+    if recorded is not None:
+        _compare_digests(path, recorded, found)
+    return tensors, metadata, recorded
+
+
+def digest_status(path: str | PathLike[str]) -> str:
+    """``ok`` when every digest of the file matches (read in bounded memory), ``no digest`` for a file written
+    without them; FormatError naming what does not match."""
+    header, metadata = read_header(path)
+    recorded = _recorded_digests(path, header, metadata)
+    if recorded is None:
+        return "no digest"
+    try:
+        _, found = read_file(os.fspath(path), header, _data_start(path), digests=True, keep=False)
+    except (OSError, EOFError) as error:
+        raise FormatError(f"{path}: could not be read ({error})") from None
+    _compare_digests(path, recorded, found)
+    return "ok"
 
 
 _TEMP_SUFFIX = ".tmp"
@@ -258,7 +320,9 @@ def write_safetensors(
     """Write a safetensors file atomically (see :func:`atomic_write`)."""
     refuse_pickle(Path(path))
     cpu = {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}  # must be contiguous
-    atomic_write(path, lambda temp: write_file(temp, cpu, metadata))
+    if not all(t.is_contiguous() for t in cpu.values()):
+        raise ValueError(f"{path}: every tensor must be contiguous to be written")
+    atomic_write(path, lambda temp: write_file(temp, cpu, with_digests(cpu, metadata)))
 
 
 def check_metadata_version(
@@ -459,9 +523,11 @@ __all__ = [
     "atomic_write",
     "check_metadata_version",
     "check_writable_name",
+    "digest_status",
     "load_sae",
     "read_header",
     "read_safetensors",
+    "read_verified",
     "remove_stale_temporaries",
     "sae_metadata",
     "save_sae",

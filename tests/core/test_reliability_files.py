@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffbias_core import SparseAutoencoder, cli_dissect, save_sae, train_state
+from diffbias_core import FeatureSet, SparseAutoencoder, cli_dissect, load_features, save_features, save_sae, train_state
+from diffbias_core.cli_info import describe
 from diffbias_core.activations import MemorySource, make_batch, write_shard
-from diffbias_core.formats import load_sae, read_header
+from diffbias_core.formats import FormatError, load_sae, read_header
 from diffbias_core.train import TrainConfig, train_sae
 from diffbias_core.train_state import state_path
 
@@ -191,3 +192,84 @@ def test_reliability_sigkill_during_save_leaves_nothing_after_the_next_write(tmp
     young.write_bytes(b"x")  # someone's write in progress: not touched
     save_sae(SparseAutoencoder(8, 16, 2), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [young.name, target.name]
+
+
+# ------------------------------------------------------------------------------------------------ case 7
+def _small_sae() -> SparseAutoencoder:
+    sae = SparseAutoencoder(8, 32, 4, hook="unet.middle", model_family="sd15", provenance={"steps": "3"})
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=torch.Generator().manual_seed(1))
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(2))
+    return sae
+
+
+def _sae_content(sae):
+    return ([getattr(sae, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")],
+            (sae.k, sae.hook, sae.model_family, sae.provenance))  # fmt: skip
+
+
+def _features_content(features):
+    return (list(features.ids) + list(features.scores),
+            (features.classes, features.sae_fingerprint, features.hook, features.method, features.provenance))  # fmt: skip
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True)) and a[1] == b[1]
+
+
+@pytest.mark.parametrize("kind", ["sae", "features"])
+def test_reliability_byte_flips_never_load_changed_content(tmp_path, kind):
+    """Case 7: 150 single-byte flips anywhere in an SAE or feature file (header and data): every one is
+    refused with a FormatError naming the file, or loads exactly the written content."""
+    sae = _small_sae()
+    path = tmp_path / f"file.{kind}.safetensors"
+    if kind == "sae":
+        save_sae(sae, path)
+        load, content = load_sae, _sae_content
+    else:
+        ids = torch.tensor([3, 1, 7], dtype=torch.int64)
+        save_features(FeatureSet(("male", "female"), (ids, ids + 10), (torch.tensor([3.0, 2.0, 1.0]),) * 2,
+                                 sae.fingerprint(), sae.hook, "ig", {"seed": "0"}), path)  # fmt: skip
+        load, content = load_features, _features_content
+    good = path.read_bytes()
+    expected = content(load(path))
+    generator = torch.Generator().manual_seed(7)
+    positions = torch.randint(0, len(good), (150,), generator=generator).tolist()
+    accepted = refused = 0
+    for position in positions:
+        damaged = bytearray(good)
+        damaged[position] ^= 1 << int(torch.randint(0, 8, (1,), generator=generator))
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = content(load(path))
+        except ValueError as error:  # FormatError or a check naming the file
+            assert str(path) in str(error), error
+            refused += 1
+            continue
+        assert _same(loaded, expected), f"a flip at byte {position} loaded changed content"
+        accepted += 1
+    assert refused > 100, (refused, accepted)
+
+
+def test_reliability_files_without_digests_still_load_and_info_says_so(tmp_path, capsys):
+    """Case 7: a file written without digests (an older version, or safetensors itself) loads; `info` reports
+    'no digest' for it, 'ok' for a new file, and fails on a damaged one."""
+    from safetensors.torch import save_file
+
+    sae = _small_sae()
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    save_sae(sae, new)
+    metadata = {k: v for k, v in read_header(new)[1].items() if k != "digests"}
+    save_file({n: getattr(sae, n).detach().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}, str(old),
+              metadata=metadata)  # fmt: skip
+    assert _same(_sae_content(load_sae(old)), _sae_content(sae))
+    assert describe(old)["digest"] == "no digest"
+    assert describe(new)["digest"] == "ok"
+    data = bytearray(new.read_bytes())
+    data[-3] ^= 0x10  # inside b_dec
+    new.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="b_dec"):
+        describe(new)
+    with pytest.raises(FormatError, match="does not match the recorded digest"):
+        load_sae(new)
