@@ -24,7 +24,6 @@ from .progress import Progress
 from .train import TrainConfig, rows_per_activation, train_sae
 from .train_state import state_path
 
-
 CHECKPOINT_EVERY = 1000
 """Default steps between resumable checkpoints of ``train-sae``: a killed run loses at most this many."""
 

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .sae import SparseAutoencoder
-from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
 from .tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
+from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 SAE_FORMAT = "diffbias.sae"
@@ -99,8 +99,10 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
         raise FormatError(f"{path}: header of {declared} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, an integer too long
         raise FormatError(f"{path}: header is not valid JSON ({error}); not a safetensors file?") from None
+    except RecursionError:
+        raise FormatError(f"{path}: header is JSON nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}

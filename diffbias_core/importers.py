@@ -60,8 +60,10 @@ def import_folder(folder: Path, *, load: bool) -> SparseAutoencoder:
     cfg_path, weight_path = folder / "cfg.json", weights[0]
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, a too long integer
         raise FormatError(f"{cfg_path}: not readable as JSON ({error})") from None
+    except RecursionError:
+        raise FormatError(f"{cfg_path}: JSON nested too deeply to be an SAE config") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
     header, _ = read_header(weight_path)

@@ -75,7 +75,10 @@ def with_digests(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> 
         jobs = {name: pool.submit(tensor_digest, t.shape, byte_view(t)) for name, t in tensors.items()}
         digests = {name: job.result() for name, job in jobs.items()}
     record = {"header": header_digest(metadata, entries), "tensors": digests}
-    return {**{k: v for k, v in metadata.items() if k != DIGESTS_KEY}, DIGESTS_KEY: json.dumps(record, sort_keys=True)}
+    return {
+        **{k: v for k, v in metadata.items() if k != DIGESTS_KEY},
+        DIGESTS_KEY: json.dumps(record, sort_keys=True),
+    }
 
 
 def _read_into(file, view: memoryview) -> None:
@@ -151,5 +154,14 @@ def write_file(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, 
         os.fsync(file.fileno())
 
 
-__all__ = ["DIGESTS_KEY", "DTYPE_NAMES", "TORCH_DTYPES", "byte_view", "header_digest", "read_file", "tensor_digest",
-           "with_digests", "write_file"]
+__all__ = [
+    "DIGESTS_KEY",
+    "DTYPE_NAMES",
+    "TORCH_DTYPES",
+    "byte_view",
+    "header_digest",
+    "read_file",
+    "tensor_digest",
+    "with_digests",
+    "write_file",
+]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import comfy.utils
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import SparseAutoencoder

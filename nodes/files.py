@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import folder_paths
 
-from ..diffbias_core.formats import FormatError, check_writable_name
-from ..diffbias_core.importers import WEIGHT_FILES, layout_folder
+from ..diffbias_core.formats import check_writable_name
+from ..diffbias_core.importers import WEIGHT_FILES
 
 SAE_FOLDER = "sae"
 """ComfyUI model folder name (``models/sae``)."""
@@ -48,14 +47,15 @@ def _entries() -> list[str]:
 
 
 def _layout_label(entry: str) -> str | None:
-    """``folder/`` when ``entry`` is the weight file of a published layout folder, else None."""
+    """``folder/`` when ``entry`` is the weight file of a published layout folder (a ``cfg.json`` beside it),
+    else None. Opens no file: a damaged one must not break the list (loading it names the defect)."""
     folder, base = os.path.split(entry)
     if not folder or base not in WEIGHT_FILES:
         return None
     path = folder_paths.get_full_path(SAE_FOLDER, entry)
     try:
-        return folder + "/" if path is not None and layout_folder(Path(path)) is not None else None
-    except (FormatError, OSError):
+        return folder + "/" if path is not None and os.path.isfile(os.path.join(os.path.dirname(path), "cfg.json")) else None
+    except (OSError, ValueError):
         return None
 
 

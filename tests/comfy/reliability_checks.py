@@ -129,13 +129,16 @@ def check_cancel_keeps_existing(mapping) -> dict:
         save_sae(old, folder / "my_sae.safetensors")
         ids = torch.arange(5, dtype=torch.int64)
         scores = torch.linspace(1, 0, 5)
-        features = FeatureSet(("a", "b"), (ids, ids + 5), (scores, scores), old.fingerprint(), "unet.middle", "ig")
+        features = FeatureSet(
+            ("a", "b"), (ids, ids + 5), (scores, scores), old.fingerprint(), "unet.middle", "ig"
+        )
         save_features(features, folder / "my_sae.gender.features.safetensors")
         before = (folder / "my_sae.safetensors").read_bytes()
         model = small_unet()
         interrupt_at_model_call(model, 4 * 4 + 2)  # in the 5th of 6 runs (one model call per step)
-        out["interrupted"] = run_interrupted(lambda: mapping["DiffBiasTrainSAE"].execute(model, PromptClip(),
-                                                                                         **train_inputs()))
+        out["interrupted"] = run_interrupted(
+            lambda: mapping["DiffBiasTrainSAE"].execute(model, PromptClip(), **train_inputs())
+        )
         out["existing_unchanged"] = (folder / "my_sae.safetensors").read_bytes() == before
         out["features_still_match"] = True
         try:
@@ -191,14 +194,20 @@ def check_late_failures_first(mapping) -> dict:
         model = small_unet()
         calls = count_model_calls(model)
         name = "n" * 236  # 'n...n.safetensors' is 248 bytes: a valid name, its temporary form is not
-        out["long_name_error"] = error_of(lambda: mapping["DiffBiasTrainSAE"].execute(
-            model, PromptClip(), **train_inputs(images=2, batch_size=2, file_name=name)))
+        out["long_name_error"] = error_of(
+            lambda: mapping["DiffBiasTrainSAE"].execute(
+                model, PromptClip(), **train_inputs(images=2, batch_size=2, file_name=name)
+            )
+        )
         out["long_name_model_calls"] = len(calls)
         from diffbias_core import SparseAutoencoder
 
         sae = SparseAutoencoder(128, 64, 4, kernel_size=2, hook="unet.middle", model_family="sd15")
-        out["kernel_error"] = error_of(lambda: mapping["DiffBiasAttributeFeatures"].execute(
-            model, PromptClip(), sae_wire(sae), **attribute_inputs()))
+        out["kernel_error"] = error_of(
+            lambda: mapping["DiffBiasAttributeFeatures"].execute(
+                model, PromptClip(), sae_wire(sae), **attribute_inputs()
+            )
+        )
         out["kernel_model_calls"] = len(calls)
     return out
 
@@ -213,14 +222,43 @@ def check_train_name_in_feature_namespace(mapping) -> dict:
         model = small_unet()
         calls = count_model_calls(model)
         for name in ("bias.features", "bias.features.safetensors", "bias.FEATURES"):
-            out[name] = error_of(lambda name=name: mapping["DiffBiasTrainSAE"].execute(
-                model, PromptClip(), **train_inputs(images=2, batch_size=2, file_name=name)))
+            out[name] = error_of(
+                lambda name=name: mapping["DiffBiasTrainSAE"].execute(
+                    model, PromptClip(), **train_inputs(images=2, batch_size=2, file_name=name)
+                )
+            )
         out["model_calls"] = len(calls)
         out["unchanged"] = existing.read_bytes() == b"a feature set"
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 12
+def check_listing_survives_bad_files(mapping) -> dict:
+    """A layout folder whose sae.safetensors header is deeply nested JSON, next to a good SAE: the Load SAE
+    schema (what /object_info sends) still lists both; loading the bad one names it."""
+    from diffbias_core import SparseAutoencoder, save_sae
+
+    out = {}
+    with SaeFolder() as folder:
+        save_sae(SparseAutoencoder(8, 16, 2), folder / "good.safetensors")
+        bad = folder / "crafted"
+        bad.mkdir()
+        raw = ("[" * 200_000 + "]" * 200_000).encode()
+        (bad / "sae.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+        (bad / "cfg.json").write_text("{}")
+        load = mapping["DiffBiasLoadSAE"]
+        try:
+            schema = load.INPUT_TYPES()
+            kind, options = schema["required"]["sae_name"][:2]
+            out["choices"] = list(options["options"] if kind == "COMBO" else kind)
+        except Exception as error:  # noqa: BLE001 - the check reports what /object_info would have hit
+            out["schema_error"] = f"{type(error).__name__}: {error}"
+        out["load_error"] = error_of(lambda: load.execute(sae_name="crafted/"))
+    return out
+
+
 CHECKS = {
+    "listing_survives_bad_files": check_listing_survives_bad_files,
     "train_name_in_feature_namespace": check_train_name_in_feature_namespace,
     "cancel_keeps_existing": check_cancel_keeps_existing,
     "late_failures_first": check_late_failures_first,

@@ -45,3 +45,12 @@ def test_reliability_train_never_writes_into_the_feature_namespace(comfyui):
         assert "names ending in '.features'" in out[name], out
     assert out["model_calls"] == 0
     assert out["unchanged"]
+
+
+def test_reliability_one_bad_file_never_breaks_the_sae_list(comfyui):
+    """Case 12: a crafted layout folder (deeply nested JSON header) does not take Load Bias SAE out of
+    /object_info; it is listed, and loading it is a FormatError naming the file."""
+    out = check(comfyui, "listing_survives_bad_files")
+    assert "schema_error" not in out, out["schema_error"]
+    assert "good.safetensors" in out["choices"] and "crafted/" in out["choices"], out["choices"]
+    assert out["load_error"].startswith("FormatError") and "crafted/sae.safetensors" in out["load_error"], out

@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffbias_core import FeatureSet, SparseAutoencoder, cli_dissect, load_features, save_features, save_sae, train_state
-from diffbias_core.cli_info import describe
+from diffbias_core import (
+    FeatureSet,
+    SparseAutoencoder,
+    cli_dissect,
+    load_features,
+    save_features,
+    save_sae,
+    train_state,
+)
 from diffbias_core.activations import MemorySource, make_batch, write_shard
+from diffbias_core.cli_info import describe
 from diffbias_core.formats import FormatError, load_sae, read_header
 from diffbias_core.train import TrainConfig, train_sae
 from diffbias_core.train_state import state_path
@@ -74,15 +82,21 @@ def test_reliability_crash_between_checkpoint_writes_resumes_exactly(tmp_path, m
     """Case 3: a crash after the state sidecar was written but before the SAE file loses nothing: the resume
     continues from the state and ends bit-identical to an uninterrupted run."""
     source = MemorySource(make_batch(rows(1024, seed=1), 0), hook="test.hook")
-    config = TrainConfig(num_latents=16, k=2, batch_size=32, warmup_steps=0, epochs=2, checkpoint_every=8, seed=3)
-    reference = train_sae(source, config, out=tmp_path / "ref.safetensors", checkpoint=tmp_path / "ref.ckpt.safetensors")
+    config = TrainConfig(
+        num_latents=16, k=2, batch_size=32, warmup_steps=0, epochs=2, checkpoint_every=8, seed=3
+    )
+    reference = train_sae(
+        source, config, out=tmp_path / "ref.safetensors", checkpoint=tmp_path / "ref.ckpt.safetensors"
+    )
     calls = []
     real = train_state.write_current
 
     def crash_on_third(trainer, path):
         calls.append(path)
         if len(calls) == 3:
-            raise RuntimeError("power cut")  # the sidecar of the 3rd checkpoint is written, the SAE file is not
+            raise RuntimeError(
+                "power cut"
+            )  # the sidecar of the 3rd checkpoint is written, the SAE file is not
         real(trainer, path)
 
     ckpt = tmp_path / "run.ckpt.safetensors"
@@ -94,7 +108,9 @@ def test_reliability_crash_between_checkpoint_writes_resumes_exactly(tmp_path, m
     assert load_sae(ckpt).provenance["steps"] != str(sidecar_steps)  # the torn pair of the issue
     resumed = train_sae(source, config, out=tmp_path / "run.safetensors", checkpoint=ckpt, resume=True)
     assert resumed.stats.step == reference.stats.step and resumed.stats.rows == reference.stats.rows
-    for mine, ref in zip(_weights(tmp_path / "run.safetensors"), _weights(tmp_path / "ref.safetensors"), strict=True):
+    for mine, ref in zip(
+        _weights(tmp_path / "run.safetensors"), _weights(tmp_path / "ref.safetensors"), strict=True
+    ):
         assert torch.equal(mine, ref)
 
 
@@ -103,8 +119,12 @@ def test_reliability_sigint_then_resume_is_exact(tmp_path):
     """Case 4: Ctrl-C in the middle of a chunk (here: inside an optimizer step) stops at the end of that chunk,
     so the resume neither re-feeds nor skips rows: it ends bit-identical to an uninterrupted run."""
     source = MemorySource(make_batch(rows(1000, seed=2), 0), hook="test.hook")
-    config = TrainConfig(num_latents=16, k=2, batch_size=32, warmup_steps=0, epochs=2, seed=4, buffer_batches=2)
-    reference = train_sae(source, config, out=tmp_path / "ref.safetensors", checkpoint=tmp_path / "ref.ckpt.safetensors")
+    config = TrainConfig(
+        num_latents=16, k=2, batch_size=32, warmup_steps=0, epochs=2, seed=4, buffer_batches=2
+    )
+    reference = train_sae(
+        source, config, out=tmp_path / "ref.safetensors", checkpoint=tmp_path / "ref.ckpt.safetensors"
+    )
 
     def ctrl_c_at_step_10(stats) -> None:
         if stats.step == 10:
