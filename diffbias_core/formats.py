@@ -83,6 +83,8 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a folder, expected a .safetensors file") from None
+    except OSError as error:  # a symlink loop, no permission, an I/O error
+        raise FormatError(f"{path}: cannot be read ({error.strerror or error})") from None
     if declared < 0:
         raise FormatError(f"{path}: truncated: {size} bytes, expected at least the 8-byte header length")
     if declared > size - 8 and (head[:2] == b"PK" or head[:1] == b"\x80"):
@@ -334,7 +336,7 @@ def check_metadata_version(
     if metadata.get("format") != fmt:
         raise FormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {fmt!r}")
     found = metadata.get("format_version", "")
-    if not found.isdigit() or not 1 <= int(found) <= version:
+    if not (found.isascii() and found.isdigit() and len(found) <= 9) or not 1 <= int(found) <= version:
         raise FormatError(
             f"{path}: format_version {found!r} of {fmt} is not readable here (this code reads versions 1 to "
             f"{version}); update diffbias"
@@ -409,7 +411,7 @@ def save_sae(sae: SparseAutoencoder, path: str | PathLike[str]) -> None:
 
 def _int_field(path: Path, metadata: Mapping[str, str], key: str) -> int:
     value = metadata.get(key, "")
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit() and len(value) <= 18) or int(value) < 1:
         raise FormatError(f"{path}: metadata {key!r} must be a positive integer, found {value!r}")
     return int(value)
 
@@ -429,16 +431,24 @@ def _read_native_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, metadata
 
 
-def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
+def _native_parts(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """(k, provenance) of a native header, after checking its sizes against the tensor shapes."""
     d_in, num_latents, k, kernel_size = _native_sizes(path, metadata)
     kernel = (kernel_size, kernel_size) if kernel_size > 1 else ()
     expect_shapes(path, header, {"W_enc": (num_latents, d_in, *kernel), "b_enc": (num_latents,),
                                  "W_dec": (num_latents, d_in, *kernel), "b_dec": (d_in,)})  # fmt: skip
-    tensors, _ = read_safetensors(path)
     try:
         provenance = json.loads(metadata.get("provenance", "{}"))
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise FormatError(f"{path}: metadata 'provenance' is not valid JSON ({error})") from None
+    if not isinstance(provenance, dict) or not all(isinstance(v, str) for v in provenance.values()):
+        raise FormatError(f"{path}: metadata 'provenance' must be a JSON object of strings, found {provenance!r:.200}")
+    return k, provenance
+
+
+def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
+    k, provenance = _native_parts(path, header, metadata)
+    tensors, _ = read_safetensors(path)
     sae = build_sae(path, tensors, k, metadata.get("hook", "unknown"), metadata.get("model_family", "unknown"),
                     provenance)  # fmt: skip
     stored = metadata.get("fingerprint")
@@ -462,7 +472,7 @@ def build_sae(
             *(tensors[name].to(dtype) for name in SAE_TENSORS), k,
             hook=hook, model_family=model_family, provenance=provenance,
         )  # fmt: skip
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise FormatError(f"{path}: {error}") from None
 
 
@@ -512,8 +522,10 @@ def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
         metadata = {**sae_file_metadata(sae, fingerprint=False), "format": sae.provenance["imported_from"]}
         del metadata["format_version"]  # the native layout's version says nothing about an imported one
         return metadata
-    _, metadata = _read_native_header(path)
-    _native_sizes(path, metadata)
+    header, metadata = _read_native_header(path)
+    k, provenance = _native_parts(path, header, metadata)
+    build_sae(path, meta_tensors(header), k, metadata.get("hook", "unknown"), metadata.get("model_family", "unknown"),
+              provenance)  # fmt: skip  (checks what a load checks, without the data)
     return dict(metadata)
 
 

@@ -257,7 +257,27 @@ def check_listing_survives_bad_files(mapping) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 13
+def check_hook_override_bounds(mapping) -> dict:
+    """Load Bias SAE with a 5000-digit block number or one beyond any model's blocks: a hook-point error."""
+    from diffbias_core import SparseAutoencoder, save_sae
+
+    out = {}
+    with SaeFolder() as folder:
+        save_sae(SparseAutoencoder(8, 16, 2), folder / "good.safetensors")
+        load = mapping["DiffBiasLoadSAE"]
+        for name, override in (("digits", "unet.output." + "9" * 5000), ("beyond", "dit.double.1000")):
+            out[name] = error_of(
+                lambda override=override: load.execute(sae_name="good.safetensors", hook_override=override)
+            )
+        out["fine"] = error_of(
+            lambda: load.execute(sae_name="good.safetensors", hook_override="dit.double.18")
+        )
+    return out
+
+
 CHECKS = {
+    "hook_override_bounds": check_hook_override_bounds,
     "listing_survives_bad_files": check_listing_survives_bad_files,
     "train_name_in_feature_namespace": check_train_name_in_feature_namespace,
     "cancel_keeps_existing": check_cancel_keeps_existing,

@@ -54,3 +54,12 @@ def test_reliability_one_bad_file_never_breaks_the_sae_list(comfyui):
     assert "schema_error" not in out, out["schema_error"]
     assert "good.safetensors" in out["choices"] and "crafted/" in out["choices"], out["choices"]
     assert out["load_error"].startswith("FormatError") and "crafted/sae.safetensors" in out["load_error"], out
+
+
+def test_reliability_hook_override_beyond_any_block_is_refused_at_load(comfyui):
+    """Case 13: a hook_override with a 5000-digit or >= 1000 block number is a ValueError naming the hook
+    point when the SAE is loaded (not an integer-conversion error, not a late failure)."""
+    out = check(comfyui, "hook_override_bounds")
+    for name in ("digits", "beyond"):
+        assert out[name].startswith("ValueError") and "hook point" in out[name], out[name][:300]
+    assert out["fine"] == ""

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 import struct
 
-import pytest
+import argparse
 
-from diffbias_core.formats import FormatError, load_sae, read_header
+import pytest
+from safetensors.torch import save_file
+
+from diffbias_core import SparseAutoencoder, cli_info
+from diffbias_core.activations import ShardReader
+from diffbias_core.cli_info import describe
+from diffbias_core.formats import SAE_TENSORS, FormatError, load_sae, read_header, sae_file_metadata
+
+
+def run_info(path) -> int:
+    return cli_info.run(argparse.Namespace(path=str(path), json=False))
 
 
 def safetensors_bytes(header: dict | str, data: bytes = b"") -> bytes:
@@ -33,3 +43,98 @@ def test_reliability_deeply_nested_header_is_a_format_error(tmp_path):
     (folder / "cfg.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(FormatError, match="cfg.json"):
         load_sae(folder)
+
+
+# ------------------------------------------------------------------------------------------------ case 13
+def _native(path, **metadata_changes):
+    """A small native SAE file written by safetensors itself (no digests) with changed metadata."""
+    sae = SparseAutoencoder(4, 8, 2)
+    metadata = {**sae_file_metadata(sae), **metadata_changes}
+    save_file({n: getattr(sae, n).detach().contiguous() for n in SAE_TENSORS}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"provenance": "[1]"}, "provenance"),
+        ({"provenance": '{"a": 1}'}, "provenance"),
+        ({"d_in": "\u00b2"}, "d_in"),
+        ({"d_in": "9" * 5000}, "d_in"),
+        ({"num_latents": "1" + "0" * 12}, "W_enc"),
+        ({"format_version": "\u00b9"}, "format_version"),
+        ({"k": "99"}, "k"),
+    ],
+    ids=[
+        "provenance_list",
+        "provenance_values",
+        "superscript_d_in",
+        "5000_digit_d_in",
+        "huge_latents",
+        "superscript_version",
+        "k_above_latents",
+    ],  # fmt: skip
+)
+def test_reliability_bad_native_metadata_is_a_format_error(tmp_path, changes, field):
+    """Case 13: crafted metadata values give a FormatError naming the file and the field, never a TypeError,
+    KeyError, OverflowError or an allocation."""
+    path = _native(tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(FormatError) as caught:
+        load_sae(path)
+    assert str(path) in str(caught.value) and field in str(caught.value), caught.value
+    with pytest.raises(FormatError):  # info reads the same fields
+        describe(path)
+
+
+def test_reliability_huge_integer_in_cfg_json(tmp_path):
+    """Case 13: a 5000-digit integer in a layout's cfg.json (Python refuses to parse it) is a FormatError."""
+    folder = tmp_path / "sparsify"
+    folder.mkdir()
+    sae = SparseAutoencoder(4, 8, 2)
+    save_file({"encoder.weight": sae.W_enc.detach().clone(), "encoder.bias": sae.b_enc.detach().clone(),
+               "W_dec": sae.W_dec.detach().clone(), "b_dec": sae.b_dec.detach().clone()},
+              str(folder / "sae.safetensors"))  # fmt: skip
+    (folder / "cfg.json").write_text('{"k": 2, "d_in": ' + "9" * 5000 + "}")
+    with pytest.raises(FormatError, match="cfg.json"):
+        load_sae(folder)
+
+
+def test_reliability_symlink_loop_is_a_format_error(tmp_path):
+    """Case 13: a symlink loop named like an SAE file is a FormatError naming it (not an OSError)."""
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(FormatError, match="loop.safetensors"):
+        load_sae(loop)
+    assert run_info(loop) == 1
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"activations": "not an entry", "__metadata__": {"hook": "h"}},
+        {"activations": {"shape": [2, 2], "data_offsets": [0, 16]}, "__metadata__": {"hook": "h"}},
+        {
+            "activations": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]},
+            "__metadata__": {"hook": "h"},
+        },
+        {
+            "activations": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 10**30]},
+            "__metadata__": {"hook": "h"},
+        },
+    ],
+    ids=["entry_not_object", "no_dtype", "overflowing_shape", "offsets_past_end"],
+)
+def test_reliability_malformed_shard_headers_are_value_errors(tmp_path, header):
+    """Case 13: malformed shard headers give a ValueError naming the shard, never KeyError/TypeError/MemoryError."""
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(safetensors_bytes(header, b"\0" * 16))
+    with pytest.raises(ValueError, match="shard.safetensors"):
+        ShardReader(path)
+
+
+def test_reliability_shard_header_length_beyond_the_file(tmp_path):
+    """Case 13: a shard whose header length field is huge is refused before any allocation."""
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(ValueError, match="shard.safetensors"):
+        ShardReader(path)
