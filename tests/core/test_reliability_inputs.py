@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
-
-import argparse
 
 import pytest
 from safetensors.torch import save_file
