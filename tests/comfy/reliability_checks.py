@@ -276,7 +276,33 @@ def check_hook_override_bounds(mapping) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 8
+PROMPT_SYNTAX = {
+    "weights": "a photo of a (male:1.2) person\na photo of a (female:1.2) person",
+    "style_prefix": "style: watercolor, a male person\nstyle: watercolor, a female person",
+    "embedding": "embedding:easynegative a male person\nembedding:easynegative a female person",
+    "embedding_only": "embedding:male\nembedding:female",
+    "named_with_weights": "male: a photo of a (man:1.1)\nfemale: a photo of a (woman:1.1)",
+    "weighted_shared_word": "a (photo:0.9) of a man, (sharp:1.3)\na (photo:0.9) of a woman, (sharp:1.3)",
+    "escaped": "a photo of a \\(male\\) person\na photo of a \\(female\\) person",
+}
+
+
+def check_prompt_syntax(mapping) -> dict:
+    """Class names and the prompts handed to the text encoder, for CLIP Text Encode's prompt syntaxes."""
+    class_prompts = plugin_module("nodes.sampling").class_prompts
+    out = {}
+    for name, text in PROMPT_SYNTAX.items():
+        try:
+            names, prompts = class_prompts(text)
+            out[name] = {"names": list(names), "prompts": list(prompts)}
+        except ValueError as error:
+            out[name] = {"error": str(error)}
+    return out
+
+
 CHECKS = {
+    "prompt_syntax": check_prompt_syntax,
     "hook_override_bounds": check_hook_override_bounds,
     "listing_survives_bad_files": check_listing_survives_bad_files,
     "train_name_in_feature_namespace": check_train_name_in_feature_namespace,

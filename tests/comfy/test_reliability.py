@@ -63,3 +63,34 @@ def test_reliability_hook_override_beyond_any_block_is_refused_at_load(comfyui):
     for name in ("digits", "beyond"):
         assert out[name].startswith("ValueError") and "hook point" in out[name], out[name][:300]
     assert out["fine"] == ""
+
+
+def test_reliability_class_prompts_survive_clip_text_encode_syntax(comfyui):
+    """Case 8: weights, 'style: x' prefixes, embeddings and escapes reach the text encoder exactly as written
+    (only a distinct plain 'name: ' on every line names the classes), and the class names are readable."""
+    out = check(comfyui, "prompt_syntax")
+    expected_names = {
+        "weights": ["male", "female"],
+        "style_prefix": ["male", "female"],
+        "embedding": ["male", "female"],
+        "embedding_only": ["embedding:male", "embedding:female"],
+        "named_with_weights": ["male", "female"],
+        "weighted_shared_word": ["man", "woman"],
+        "escaped": ["male", "female"],
+    }
+    for case, names in expected_names.items():
+        assert out[case].get("names") == names, (case, out[case])
+    written = {
+        "weights": ["a photo of a (male:1.2) person", "a photo of a (female:1.2) person"],
+        "style_prefix": ["style: watercolor, a male person", "style: watercolor, a female person"],
+        "embedding": ["embedding:easynegative a male person", "embedding:easynegative a female person"],
+        "embedding_only": ["embedding:male", "embedding:female"],
+        "named_with_weights": ["a photo of a (man:1.1)", "a photo of a (woman:1.1)"],
+        "weighted_shared_word": [
+            "a (photo:0.9) of a man, (sharp:1.3)",
+            "a (photo:0.9) of a woman, (sharp:1.3)",
+        ],
+        "escaped": ["a photo of a \\(male\\) person", "a photo of a \\(female\\) person"],
+    }
+    for case, prompts in written.items():
+        assert out[case]["prompts"] == prompts, (case, out[case])
