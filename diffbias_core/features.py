@@ -100,6 +100,17 @@ class FeatureSet:
             raise ValueError(f"k must be a non-negative integer, got {k!r}")
         return self.ids[class_index][:k]
 
+    def check_top_k(self, top_k: int) -> None:
+        """Raise ValueError when a class has fewer than ``top_k`` features (top_k would silently take fewer)."""
+        counts = [int(ids.numel()) for ids in self.ids]
+        fewest = min(range(self.num_classes), key=counts.__getitem__)
+        if top_k > counts[fewest]:
+            raise ValueError(
+                f"top_k {top_k} asks for more features than this feature set has: class "
+                f"{self.classes[fewest]!r} has {counts[fewest]}; lower top_k to {counts[fewest]} or find more "
+                "features per class (Attribute Bias Features' top_k)"
+            )
+
     def check_matches(self, sae: SparseAutoencoder) -> None:
         """Raise ValueError unless ``sae`` is the SAE these feature ids were ranked on."""
         fingerprint = sae.fingerprint()
@@ -138,6 +149,13 @@ def _check_class_tensors(name: str, ids: Tensor, scores: Tensor) -> None:
         raise ValueError(f"{where}: ids must be unique within a class, found a repeated id in {ids.tolist()}")
     if not torch.isfinite(scores).all():
         raise ValueError(f"{where}: scores must be finite, found {scores.tolist()}")
+    if ids.numel() == 0:
+        raise ValueError(f"{where}: has no features; a class without features edits nothing")
+    if bool((scores[1:] > scores[:-1]).any()):
+        raise ValueError(
+            f"{where}: scores must be in descending order (best first, as top_k takes them), found "
+            f"{scores.tolist()[:8]}{' ...' if scores.numel() > 8 else ''}"
+        )
 
 
 def save_features(features: FeatureSet, path: str | PathLike[str]) -> None:

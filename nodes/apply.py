@@ -155,6 +155,7 @@ class ApplyIntervention(io.ComfyNode):
                 "window would be empty; make start_percent <= end_percent"
             )
         features.check_matches(sae.sae)
+        features.check_top_k(top_k)
         hook = parse_hook(sae.sae.hook)
         check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
         if not hook.is_unet and sae.sae.kernel_size != 1:

@@ -63,6 +63,12 @@ def plugin_module(suffix: str):
     return sys.modules[f"{str(REPO).replace('.', '_x_')}.{suffix}"]
 
 
+def core(*names: str) -> tuple:
+    """Names from the plugin's own diffbias_core (this checkout's, as the nodes use it)."""
+    module = plugin_module("diffbias_core")
+    return tuple(getattr(module, name) for name in names)
+
+
 def sae_wire(sae, path: str = "/nonexistent/sae.safetensors"):
     """A DIFFBIAS_SAE wire value (the plugin's SaeWire) for an SAE made in the check."""
     return plugin_module("nodes.wires").SaeWire(sae, path)
@@ -120,7 +126,9 @@ def run_interrupted(fn) -> bool:
 # ------------------------------------------------------------------------------------------------ case 1
 def check_cancel_keeps_existing(mapping) -> dict:
     """Cancel Train Bias SAE late in a run whose file name is taken: the old SAE and its features survive."""
-    from diffbias_core import FeatureSet, SparseAutoencoder, load_sae, save_features, save_sae
+    FeatureSet, SparseAutoencoder, load_sae, save_features, save_sae = core(
+        "FeatureSet", "SparseAutoencoder", "load_sae", "save_features", "save_sae"
+    )
 
     out = {}
     with SaeFolder() as folder:
@@ -142,7 +150,7 @@ def check_cancel_keeps_existing(mapping) -> dict:
         out["existing_unchanged"] = (folder / "my_sae.safetensors").read_bytes() == before
         out["features_still_match"] = True
         try:
-            from diffbias_core import load_features
+            (load_features,) = core("load_features")
 
             load_features(folder / "my_sae.gender.features.safetensors").check_matches(
                 load_sae(folder / "my_sae.safetensors")
@@ -200,7 +208,7 @@ def check_late_failures_first(mapping) -> dict:
             )
         )
         out["long_name_model_calls"] = len(calls)
-        from diffbias_core import SparseAutoencoder
+        (SparseAutoencoder,) = core("SparseAutoencoder")
 
         sae = SparseAutoencoder(128, 64, 4, kernel_size=2, hook="unet.middle", model_family="sd15")
         out["kernel_error"] = error_of(
@@ -236,7 +244,7 @@ def check_train_name_in_feature_namespace(mapping) -> dict:
 def check_listing_survives_bad_files(mapping) -> dict:
     """A layout folder whose sae.safetensors header is deeply nested JSON, next to a good SAE: the Load SAE
     schema (what /object_info sends) still lists both; loading the bad one names it."""
-    from diffbias_core import SparseAutoencoder, save_sae
+    SparseAutoencoder, save_sae = core("SparseAutoencoder", "save_sae")
 
     out = {}
     with SaeFolder() as folder:
@@ -260,7 +268,7 @@ def check_listing_survives_bad_files(mapping) -> dict:
 # ------------------------------------------------------------------------------------------------ case 13
 def check_hook_override_bounds(mapping) -> dict:
     """Load Bias SAE with a 5000-digit block number or one beyond any model's blocks: a hook-point error."""
-    from diffbias_core import SparseAutoencoder, save_sae
+    SparseAutoencoder, save_sae = core("SparseAutoencoder", "save_sae")
 
     out = {}
     with SaeFolder() as folder:
@@ -301,7 +309,26 @@ def check_prompt_syntax(mapping) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 10
+def check_apply_top_k_above_features(mapping) -> dict:
+    """Apply Feature Intervention with top_k above a class's feature count: an error, not a silent clamp."""
+    FeatureSet, SparseAutoencoder = core("FeatureSet", "SparseAutoencoder")
+
+    sae = SparseAutoencoder(128, 64, 4, hook="unet.middle", model_family="sd15")
+    features = FeatureSet(("male", "female"), (torch.arange(6), torch.arange(6, 10)),
+                          (torch.linspace(1, 0, 6), torch.linspace(1, 0, 4)), sae.fingerprint(), sae.hook, "ig")  # fmt: skip
+    widgets = dict(mode="balance", target="", edit="add", strength=10.0, start_percent=0.0, end_percent=1.0,
+                   cond_only=True, seed=0)  # fmt: skip
+    apply = mapping["DiffBiasApplyIntervention"]
+    model = small_unet()
+    return {
+        "above": error_of(lambda: apply.execute(model, sae_wire(sae), features, top_k=5, **widgets)),
+        "equal": error_of(lambda: apply.execute(model, sae_wire(sae), features, top_k=4, **widgets)),
+    }
+
+
 CHECKS = {
+    "apply_top_k_above_features": check_apply_top_k_above_features,
     "prompt_syntax": check_prompt_syntax,
     "hook_override_bounds": check_hook_override_bounds,
     "listing_survives_bad_files": check_listing_survives_bad_files,

@@ -1,6 +1,6 @@
 """Reliability of the nodes in a real ComfyUI process: nothing lost, nothing silently wrong (issue 13).
 
-Each test runs one check of reliability_checks.py (a small random UNet, ComfyUI's own sampler and
+Each test reads one check of reliability_checks.py (a small random UNet, ComfyUI's own sampler and
 interrupt flag, a temporary SAE folder) and reads its JSON results.
 """
 
@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import run_comfy_script
 
 
-def check(comfyui: str, name: str) -> dict:
-    output = run_comfy_script(comfyui, "reliability_checks.py", name)
+@pytest.fixture(scope="module")
+def results(comfyui) -> dict:
+    """Every check of reliability_checks.py, run once in one ComfyUI process."""
+    output = run_comfy_script(comfyui, "reliability_checks.py")
     line = next(line for line in output.splitlines() if line.startswith("RESULTS "))
-    return json.loads(line.removeprefix("RESULTS "))[name]
+    return json.loads(line.removeprefix("RESULTS "))
 
 
-def test_reliability_cancel_never_replaces_an_existing_sae(comfyui):
+def test_reliability_cancel_never_replaces_an_existing_sae(results):
     """Case 1: cancelling Train Bias SAE keeps the SAE of that name and its feature sets; the partial
     result goes to <name>.cancelled.safetensors."""
-    out = check(comfyui, "cancel_keeps_existing")
+    out = results["cancel_keeps_existing"]
     assert out["interrupted"]
     assert out["partial_written"], out["files"]
     assert out["partial_steps"] > 0
@@ -28,47 +32,47 @@ def test_reliability_cancel_never_replaces_an_existing_sae(comfyui):
     assert out["features_still_match"]
 
 
-def test_reliability_late_failures_are_checked_before_sampling(comfyui):
+def test_reliability_late_failures_are_checked_before_sampling(results):
     """Case 2: a Train file name whose temporary form is too long, and a kernel-2 SAE at an image size with a
     1x1 bottleneck, fail before the first model call with a message saying what to change."""
-    out = check(comfyui, "late_failures_first")
+    out = results["late_failures_first"]
     assert "exceeds the 255-byte limit" in out["long_name_error"], out["long_name_error"]
     assert out["long_name_model_calls"] == 0
     assert "2x2 kernel" in out["kernel_error"] and "128" in out["kernel_error"], out["kernel_error"]
     assert out["kernel_model_calls"] == 0
 
 
-def test_reliability_train_never_writes_into_the_feature_namespace(comfyui):
+def test_reliability_train_never_writes_into_the_feature_namespace(results):
     """Case 6: a Train file_name ending in '.features' is refused before sampling; the feature set survives."""
-    out = check(comfyui, "train_name_in_feature_namespace")
+    out = results["train_name_in_feature_namespace"]
     for name in ("bias.features", "bias.features.safetensors", "bias.FEATURES"):
         assert "names ending in '.features'" in out[name], out
     assert out["model_calls"] == 0
     assert out["unchanged"]
 
 
-def test_reliability_one_bad_file_never_breaks_the_sae_list(comfyui):
+def test_reliability_one_bad_file_never_breaks_the_sae_list(results):
     """Case 12: a crafted layout folder (deeply nested JSON header) does not take Load Bias SAE out of
     /object_info; it is listed, and loading it is a FormatError naming the file."""
-    out = check(comfyui, "listing_survives_bad_files")
+    out = results["listing_survives_bad_files"]
     assert "schema_error" not in out, out["schema_error"]
     assert "good.safetensors" in out["choices"] and "crafted/" in out["choices"], out["choices"]
     assert out["load_error"].startswith("FormatError") and "crafted/sae.safetensors" in out["load_error"], out
 
 
-def test_reliability_hook_override_beyond_any_block_is_refused_at_load(comfyui):
+def test_reliability_hook_override_beyond_any_block_is_refused_at_load(results):
     """Case 13: a hook_override with a 5000-digit or >= 1000 block number is a ValueError naming the hook
     point when the SAE is loaded (not an integer-conversion error, not a late failure)."""
-    out = check(comfyui, "hook_override_bounds")
+    out = results["hook_override_bounds"]
     for name in ("digits", "beyond"):
         assert out[name].startswith("ValueError") and "hook point" in out[name], out[name][:300]
     assert out["fine"] == ""
 
 
-def test_reliability_class_prompts_survive_clip_text_encode_syntax(comfyui):
+def test_reliability_class_prompts_survive_clip_text_encode_syntax(results):
     """Case 8: weights, 'style: x' prefixes, embeddings and escapes reach the text encoder exactly as written
     (only a distinct plain 'name: ' on every line names the classes), and the class names are readable."""
-    out = check(comfyui, "prompt_syntax")
+    out = results["prompt_syntax"]
     expected_names = {
         "weights": ["male", "female"],
         "style_prefix": ["male", "female"],
@@ -94,3 +98,10 @@ def test_reliability_class_prompts_survive_clip_text_encode_syntax(comfyui):
     }
     for case, prompts in written.items():
         assert out[case]["prompts"] == prompts, (case, out[case])
+
+
+def test_reliability_apply_refuses_top_k_above_the_features(results):
+    """Case 10: Apply Feature Intervention with top_k 5 on a class of 4 features says so."""
+    out = results["apply_top_k_above_features"]
+    assert "class 'female' has 4; lower top_k to 4" in out["above"], out["above"]
+    assert out["equal"] == ""

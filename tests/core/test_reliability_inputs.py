@@ -7,9 +7,10 @@ import json
 import struct
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
-from diffbias_core import SparseAutoencoder, cli_info
+from diffbias_core import FeatureSet, SparseAutoencoder, cli_info, load_features
 from diffbias_core.activations import ShardReader
 from diffbias_core.cli_info import describe
 from diffbias_core.formats import SAE_TENSORS, FormatError, load_sae, read_header, sae_file_metadata
@@ -137,3 +138,41 @@ def test_reliability_shard_header_length_beyond_the_file(tmp_path):
     path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
     with pytest.raises(ValueError, match="shard.safetensors"):
         ShardReader(path)
+
+
+# ------------------------------------------------------------------------------------------------ case 10
+def _feature_file(path, ids, scores):
+    metadata = {"format": "diffbias.features", "format_version": "1", "classes": '["male", "female"]',
+                "sae_fingerprint": "0" * 16, "hook": "unet.middle", "method": "ig", "provenance": "{}"}  # fmt: skip
+    tensors = {}
+    for i, (class_ids, class_scores) in enumerate(zip(ids, scores, strict=True)):
+        tensors[f"ids.{i}"] = torch.tensor(class_ids, dtype=torch.int64)
+        tensors[f"scores.{i}"] = torch.tensor(class_scores, dtype=torch.float32)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("ids", "scores", "message"),
+    [
+        (([1, 2], []), ([2.0, 1.0], []), "has no features"),
+        (([1, 2, 3], [4, 5]), ([0.1, 0.5, 0.9], [2.0, 1.0]), "descending order"),
+    ],
+    ids=["empty_class", "ascending_scores"],
+)
+def test_reliability_feature_sets_that_do_nothing_are_refused(tmp_path, ids, scores, message):
+    """Case 10: a class without features, or scores not best-first (top_k would take the worst), is a
+    FormatError naming the file and the class."""
+    path = _feature_file(tmp_path / "f.features.safetensors", ids, scores)
+    with pytest.raises(FormatError, match=message) as caught:
+        load_features(path)
+    assert str(path) in str(caught.value)
+
+
+def test_reliability_top_k_above_the_features_is_an_error():
+    """Case 10: asking for more features than a class has is said, not silently clamped."""
+    features = FeatureSet(("male", "female"), (torch.arange(5), torch.arange(5, 8)),
+                          (torch.linspace(1, 0, 5), torch.linspace(1, 0, 3)), "0" * 16, "unet.middle", "ig")  # fmt: skip
+    features.check_top_k(3)
+    with pytest.raises(ValueError, match="class 'female' has 3; lower top_k to 3"):
+        features.check_top_k(4)
