@@ -92,13 +92,14 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
             f"{path}: this is a pickle/zip checkpoint named like safetensors; refusing it, because unpickling "
             "can run arbitrary code hidden in the file. Convert it to real .safetensors where you trust it."
         )
+    # never quote `declared`: for a file that is not safetensors it is 8 bytes of that file's content
     if declared > size - 8:
         raise FormatError(
-            f"{path}: header declares {declared} bytes but only {size - 8} follow the length field "
+            f"{path}: header declares more bytes than the {size - 8} that follow the length field "
             "(truncated, or not a safetensors file)"
         )
     if declared > MAX_HEADER_BYTES:
-        raise FormatError(f"{path}: header of {declared} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise FormatError(f"{path}: header exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, an integer too long
@@ -112,7 +113,23 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
         raise FormatError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}")
     for name, entry in header.items():
         _check_entry(path, name, entry, size - 8 - declared)
+    _check_layout(path, header, size - 8 - declared)
     return header, metadata
+
+
+def _check_layout(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """The tensors' bytes must lie back to back from the start of the data to its end (safetensors' rule):
+    no two tensors share bytes, nothing is left between or after them."""
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, stop = entry["data_offsets"]
+        if begin < end:
+            raise FormatError(f"{path}: tensor {name!r} at bytes [{begin}, {stop}) overlaps another tensor's bytes")
+        if begin > end:
+            raise FormatError(f"{path}: {begin - end} data bytes before tensor {name!r} belong to no tensor")
+        end = stop
+    if end != data_bytes:
+        raise FormatError(f"{path}: {data_bytes - end} data bytes after the last tensor belong to no tensor")
 
 
 def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:

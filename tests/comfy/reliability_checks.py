@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import comfy.cli_args
@@ -342,7 +343,10 @@ def main() -> None:
     mapping = load_plugin()
     results = {}
     for name in sys.argv[1:] or list(CHECKS):
-        results[name] = CHECKS[name](mapping)
+        try:
+            results[name] = CHECKS[name](mapping)
+        except Exception:  # noqa: BLE001 - one broken check must not hide the others' results
+            results[name] = {"check_failed": traceback.format_exc()}
     print("RESULTS " + json.dumps(results))
 
 

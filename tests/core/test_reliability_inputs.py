@@ -176,3 +176,64 @@ def test_reliability_top_k_above_the_features_is_an_error():
     features.check_top_k(3)
     with pytest.raises(ValueError, match="class 'female' has 3; lower top_k to 3"):
         features.check_top_k(4)
+
+
+# ------------------------------------------------------------------------------------------------ case 11
+def test_reliability_folder_with_two_layouts_is_ambiguous(tmp_path):
+    """Case 11: a folder holding both sparsify's and SAELens's weight files is refused, not read as sparsify."""
+    sae = SparseAutoencoder(4, 8, 2)
+    folder = tmp_path / "both"
+    folder.mkdir()
+    t = {n: getattr(sae, n).detach().clone() for n in SAE_TENSORS}
+    save_file({"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]},
+              str(folder / "sae.safetensors"))  # fmt: skip
+    save_file({**t, "W_enc": t["W_enc"].T.contiguous()}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"k": 2, "architecture": "topk", "d_in": 4, "d_sae": 8}))
+    for target in (folder, folder / "sae.safetensors", folder / "sae_weights.safetensors"):
+        with pytest.raises(FormatError, match="holds both sae.safetensors and sae_weights.safetensors"):
+            load_sae(target)
+    assert run_info(folder) == 1
+
+
+def _native_header(path, d_in="4", offsets=None):
+    sae = SparseAutoencoder(4, 8, 2)
+    header, data, start = {}, b"", 0
+    for name in SAE_TENSORS:
+        raw = getattr(sae, name).detach().contiguous().numpy().tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(getattr(sae, name).shape),
+            "data_offsets": [start, start + len(raw)],
+        }
+        data, start = data + raw, start + len(raw)
+    if offsets:
+        for name, value in offsets.items():
+            header[name]["data_offsets"] = value
+    header["__metadata__"] = {**sae_file_metadata(sae), "d_in": d_in}
+    path.write_bytes(safetensors_bytes(header, data))
+    return path
+
+
+def test_reliability_info_checks_sizes_and_offsets(tmp_path):
+    """Case 11: info refuses a d_in of 10^12 that the tensors do not have, and tensors sharing bytes."""
+    assert run_info(_native_header(tmp_path / "ok.safetensors")) == 0
+    with pytest.raises(FormatError, match="d_in|W_enc"):
+        describe(_native_header(tmp_path / "huge.safetensors", d_in=str(10**12)))
+    overlapping = _native_header(tmp_path / "overlap.safetensors", offsets={"b_enc": [0, 32]})  # inside W_enc
+    with pytest.raises(FormatError, match="overlaps"):
+        describe(overlapping)
+    with pytest.raises(FormatError, match="overlaps"):
+        load_sae(overlapping)
+
+
+def test_reliability_error_messages_never_quote_a_foreign_file(tmp_path):
+    """Case 11: a symlink to a file that is not safetensors: the message must not contain its first 8 bytes
+    (read as the header length) as a number."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(secret)
+    leaked = str(int.from_bytes(b"root:x:0", "little"))
+    with pytest.raises(FormatError) as caught:
+        load_sae(link)
+    assert leaked not in str(caught.value) and "link.safetensors" in str(caught.value)
