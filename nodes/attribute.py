@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import comfy.model_management
 import comfy.utils
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
@@ -13,6 +14,7 @@ from ..diffbias_core import SparseAutoencoder
 from ..diffbias_core.activations import ActivationBatch, MemorySource, concat_batches, make_batch
 from ..diffbias_core.attribution import AttributionConfig, attribute
 from ..diffbias_core.probes import ProbeConfig, fit_probes
+from ..diffbias_core.progress import Cancelled
 from .charts import feature_chart
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
@@ -157,7 +159,8 @@ class AttributeFeatures(io.ComfyNode):
         check_hook(model, point, sae.sae.d_in, sae.sae.model_family)
         check_map_size(model, sae.sae, point, width, height)
         runs = plan_runs(len(prompts), [samples] * len(prompts), batch_size, seed, paired=True)
-        progress = comfy.utils.ProgressBar(len(runs) * steps + 1)
+        sampled = len(runs) * steps  # progress: sampling, then probes and ranking (steps units each)
+        progress = comfy.utils.ProgressBar(sampled + 2 * steps)
         parts: list[ActivationBatch] = []
         current = {}
 
@@ -192,13 +195,22 @@ class AttributeFeatures(io.ComfyNode):
             "seed": str(seed),
             "size": f"{width}x{height}",
         }
-        with torch.inference_mode(False), torch.enable_grad():  # tensors made here can enter autograd
-            source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
-            probes = fit_probes(source, ProbeConfig(seed=seed % 2**31))
-            config = AttributionConfig(method=METHODS[method], top_k=top_k)
-            features = attribute(autograd_copy(sae.sae), source, config, probes)
+        def phase(offset: int):
+            return lambda done, total: progress.update_absolute(offset + done * steps // max(total, 1))
+
+        stop = comfy.model_management.processing_interrupted  # Cancel, polled inside the fits and IG
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # tensors made here can enter autograd
+                source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
+                probes = fit_probes(source, ProbeConfig(seed=seed % 2**31), progress=phase(sampled),
+                                    should_stop=stop)  # fmt: skip
+                config = AttributionConfig(method=METHODS[method], top_k=top_k)
+                features = attribute(autograd_copy(sae.sae), source, config, probes,
+                                     progress=phase(sampled + steps), should_stop=stop)  # fmt: skip
+        except Cancelled:
+            raise comfy.model_management.InterruptProcessingException() from None
         features = dataclasses.replace(features, provenance={**features.provenance, **facts})
-        progress.update(1)
+        progress.update_absolute(sampled + 2 * steps)
         accuracy = [float(a) for a in probes.accuracy]
         text = ", ".join(f"{int(s)}: {a:.2f}" for s, a in zip(probes.steps.tolist(), accuracy, strict=True))
         chart = feature_chart(features, top_k=min(top_k, 20), accuracy=[a for a in accuracy if a == a])

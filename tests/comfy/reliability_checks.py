@@ -328,7 +328,40 @@ def check_apply_top_k_above_features(mapping) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------ case 14
+def check_attribute_cancel_after_sampling(mapping) -> dict:
+    """Cancel pressed when Attribute's sampling has ended (probe fitting starts) or when its probes are
+    fitted (integrated gradients start): the node stops there with ComfyUI's interrupt."""
+    (SparseAutoencoder,) = core("SparseAutoencoder")
+    sae = SparseAutoencoder(128, 64, 4, hook="unet.middle", model_family="sd15")
+    inputs = attribute_inputs()
+    sampled = 2 * inputs["steps"]  # two classes, one run each (samples == batch_size)
+    out = {}
+    for name, at in (("probes", sampled), ("ig", sampled + inputs["steps"])):
+        seen = []
+
+        def hook(value, total, preview, node_id=None, at=at, seen=seen):
+            seen.append(value)
+            if value >= at:
+                comfy.model_management.interrupt_current_processing(True)
+
+        comfy.utils.set_progress_bar_global_hook(hook)
+        try:
+            model = small_unet()
+            out[name] = run_interrupted(
+                lambda model=model: mapping["DiffBiasAttributeFeatures"].execute(
+                    model, PromptClip(), sae_wire(sae), **inputs
+                )
+            )
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        out[f"{name}_last_progress"] = max(seen, default=0)
+        out[f"{name}_total"] = sampled + 2 * inputs["steps"]
+    return out
+
+
 CHECKS = {
+    "attribute_cancel_after_sampling": check_attribute_cancel_after_sampling,
     "apply_top_k_above_features": check_apply_top_k_above_features,
     "prompt_syntax": check_prompt_syntax,
     "hook_override_bounds": check_hook_override_bounds,

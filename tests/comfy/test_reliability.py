@@ -105,3 +105,11 @@ def test_reliability_apply_refuses_top_k_above_the_features(results):
     out = results["apply_top_k_above_features"]
     assert "class 'female' has 4; lower top_k to 4" in out["above"], out["above"]
     assert out["equal"] == ""
+
+
+def test_reliability_cancel_reaches_probe_fitting_and_integrated_gradients(results):
+    """Case 14: Cancel after sampling (during the probe fits) or after the probes (during integrated gradients)
+    stops Attribute Bias Features there; its progress bar moves through both phases."""
+    out = results["attribute_cancel_after_sampling"]
+    assert out["probes"] and out["ig"], out
+    assert out["ig_last_progress"] < out["ig_total"], out

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from diffbias_core import FeatureSet, SparseAutoencoder
+from diffbias_core.activations import MemorySource
+from diffbias_core.attribution import AttributionConfig, attribute
 from diffbias_core.intervention import EditSpec, apply_edit, feature_table
+from diffbias_core.probes import ProbeConfig, fit_probes
+from diffbias_core.progress import Cancelled
 
 STRENGTH_LIMIT = 1000.0  # the Apply node's largest |strength| (nodes/apply.py)
 
@@ -57,3 +61,43 @@ def test_reliability_half_precision_edit_at_maximum_strength_is_finite(dtype, mo
         out.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max())
     )
     assert not torch.equal(out, x)
+
+
+# ------------------------------------------------------------------------------------------------ case 14
+class StopAfter:
+    """should_stop that answers True from its n-th call on, counting the calls."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_reliability_probe_fitting_stops_inside_a_fit(planted):
+    """Case 14: should_stop is polled inside every probe's L-BFGS fit, not only between steps: a request
+    during the first step's fit ends it within one loss evaluation."""
+    problem = planted.planted_maps(3, samples=12, steps=3)
+    source = MemorySource(problem.batch, hook="toy.mid", classes=problem.classes)
+    stop = StopAfter(5)  # 1 before step 0, then loss evaluations of its fit
+    with pytest.raises(Cancelled):
+        fit_probes(source, ProbeConfig(iterations=100), should_stop=stop)
+    assert stop.calls == 5
+    probes = fit_probes(source, ProbeConfig(iterations=5), should_stop=lambda: False)  # polled, never stops
+    assert probes.steps.numel() == 3
+
+
+@pytest.mark.parametrize(("method", "calls"), [("ig", 2), ("mean-diff", 1)])  # mean-diff: one batch here
+def test_reliability_attribution_stops_on_request(planted, method, calls):
+    """Case 14: integrated gradients and the mean-difference ranking poll should_stop before every batch."""
+    problem = planted.planted_maps(4, samples=12, steps=3)
+    source = MemorySource(problem.batch, hook="toy.mid", classes=problem.classes)
+    probes = fit_probes(source, ProbeConfig(iterations=5)) if method == "ig" else None
+    sae = planted.oracle_sae(problem.dictionary, k=4, hook="toy.mid")
+    stop = StopAfter(calls)
+    done = []
+    with pytest.raises(Cancelled):
+        attribute(sae, source, AttributionConfig(method=method, top_k=3), probes, should_stop=stop,
+                  progress=lambda d, t: done.append(d))  # fmt: skip
+    assert stop.calls == calls and len(done) == calls - 1
