@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .memory import check_fits
 from .sae import SparseAutoencoder
 from .tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
 from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
@@ -204,6 +205,7 @@ def read_verified(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[st
     """:func:`read_safetensors` that also returns the verified per-tensor digests (None: the file has none)."""
     header, metadata = read_header(path)
     recorded = _recorded_digests(path, header, metadata)
+    check_fits(sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), f"loading {path}")
     try:
         tensors, found = read_file(os.fspath(path), header, _data_start(path), digests=recorded is not None)
     except (OSError, EOFError, RuntimeError) as error:
@@ -365,8 +367,11 @@ def check_weights(path: str | PathLike[str], tensors: Mapping[str, Tensor]) -> N
     for name, tensor in tensors.items():
         if tensor.dtype not in _FLOAT_DTYPES:
             raise FormatError(f"{path}: tensor {name!r} is {tensor.dtype}, expected a floating dtype")
-        if not tensor.is_meta and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
+        if tensor.is_meta:
+            continue
+        flat = tensor.reshape(-1)  # checked in chunks: no mask as large as the tensor
+        bad = sum(int((~torch.isfinite(flat[i : i + (1 << 20)])).sum()) for i in range(0, flat.numel(), 1 << 20))
+        if bad:
             raise FormatError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
 
 
@@ -465,9 +470,12 @@ def _native_parts(path: Path, header: dict[str, Any], metadata: dict[str, str]) 
 
 def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
     k, provenance = _native_parts(path, header, metadata)
-    tensors, _ = read_safetensors(path)
+    tensors, _, digests = read_verified(path)
     sae = build_sae(path, tensors, k, metadata.get("hook", "unknown"), metadata.get("model_family", "unknown"),
                     provenance)  # fmt: skip
+    if digests is not None:  # verified: the decoder's digest is its fingerprint's hash for float32 weights
+        known = digests["W_dec"][:16] if sae.W_dec.dtype == torch.float32 else metadata.get("fingerprint")
+        sae.set_known_fingerprint(known)
     stored = metadata.get("fingerprint")
     if stored is not None and stored != sae.fingerprint():
         raise FormatError(

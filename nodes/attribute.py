@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import comfy.model_management
 import comfy.utils
@@ -13,6 +14,7 @@ from comfy_api.latest import io, ui
 from ..diffbias_core import SparseAutoencoder
 from ..diffbias_core.activations import ActivationBatch, MemorySource, concat_batches, make_batch
 from ..diffbias_core.attribution import AttributionConfig, attribute
+from ..diffbias_core.memory import activation_bytes, check_fits, format_bytes
 from ..diffbias_core.probes import ProbeConfig, fit_probes
 from ..diffbias_core.progress import Cancelled
 from .charts import feature_chart
@@ -24,6 +26,7 @@ from .sampling import class_prompts as parse_class_prompts
 from .widgets import negative_prompt_input, sampler_inputs, size_inputs
 from .wires import FeaturesType, SaeType, SaeWire
 
+logger = logging.getLogger(__name__)
 METHODS = {"integrated gradients": "ig", "mean difference": "mean-diff"}
 """Widget value -> ``AttributionConfig.method``."""
 
@@ -163,8 +166,16 @@ class AttributeFeatures(io.ComfyNode):
         progress = comfy.utils.ProgressBar(sampled + 2 * steps)
         parts: list[ActivationBatch] = []
         current = {}
+        memory: dict[str, int] = {}
 
         def sink(captured: Captured) -> None:
+            if not parts:  # the first activation: say what all of them will need, refuse what cannot fit
+                need = activation_bytes(len(prompts) * samples, steps, tuple(captured.activations.shape[1:]))
+                memory["need"] = need
+                logger.info("Attribute Bias Features keeps %d activations of shape %s: %s (up to twice that while "
+                            "they are joined)", len(prompts) * samples * steps, tuple(captured.activations.shape[1:]),
+                            format_bytes(need))  # fmt: skip
+                check_fits(2 * need, f"keeping the activations of {len(prompts) * samples} images x {steps} steps")
             run = current["run"]
             parts.append(
                 make_batch(
@@ -213,5 +224,6 @@ class AttributeFeatures(io.ComfyNode):
         progress.update_absolute(sampled + 2 * steps)
         accuracy = [float(a) for a in probes.accuracy]
         text = ", ".join(f"{int(s)}: {a:.2f}" for s, a in zip(probes.steps.tolist(), accuracy, strict=True))
+        text += f" (activations kept: {format_bytes(memory.get('need', 0))})"
         chart = feature_chart(features, top_k=min(top_k, 20), accuracy=[a for a in accuracy if a == a])
         return io.NodeOutput(features, chart, text, ui=ui.PreviewImage(chart, cls=cls))

@@ -360,7 +360,32 @@ def check_attribute_cancel_after_sampling(mapping) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ case 15
+def check_attribute_memory(mapping) -> dict:
+    """Attribute says how much its kept activations need, and refuses at the first activation what the machine
+    cannot hold (here: a machine reporting 4 KiB available) instead of failing after all sampling."""
+    (SparseAutoencoder,) = core("SparseAutoencoder")
+    memory = plugin_module("diffbias_core.memory")
+    sae = SparseAutoencoder(128, 64, 4, hook="unet.middle", model_family="sd15")
+    attribute = mapping["DiffBiasAttributeFeatures"]
+    model = small_unet()
+    calls = count_model_calls(model)
+    out = {"text": attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()).result[2]}
+    calls.clear()
+    real = memory.available_memory
+    memory.available_memory = lambda: 4096
+    try:
+        out["refused"] = error_of(
+            lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs())
+        )
+    finally:
+        memory.available_memory = real
+    out["refused_model_calls"] = len(calls)
+    return out
+
+
 CHECKS = {
+    "attribute_memory": check_attribute_memory,
     "attribute_cancel_after_sampling": check_attribute_cancel_after_sampling,
     "apply_top_k_above_features": check_apply_top_k_above_features,
     "prompt_syntax": check_prompt_syntax,

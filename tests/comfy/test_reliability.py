@@ -113,3 +113,12 @@ def test_reliability_cancel_reaches_probe_fitting_and_integrated_gradients(resul
     out = results["attribute_cancel_after_sampling"]
     assert out["probes"] and out["ig"], out
     assert out["ig_last_progress"] < out["ig_total"], out
+
+
+def test_reliability_attribute_states_and_checks_its_memory(results):
+    """Case 15: Attribute reports what its activations need (2 classes x 4 images x 3 steps x 128 floats =
+    12 KiB) and refuses at the first model call when that cannot fit."""
+    out = results["attribute_memory"]
+    assert "activations kept: 12.0 KiB" in out["text"], out
+    assert out["refused"].startswith("MemoryError") and "24.0 KiB" in out["refused"], out["refused"]
+    assert out["refused_model_calls"] == 1

@@ -293,3 +293,37 @@ def test_reliability_files_without_digests_still_load_and_info_says_so(tmp_path,
         describe(new)
     with pytest.raises(FormatError, match="does not match the recorded digest"):
         load_sae(new)
+
+
+# ------------------------------------------------------------------------------------------------ case 15
+_MEASURE_LOAD = """
+import json, sys
+from diffbias_core import load_sae
+
+def status(key):  # VmHWM: this process's peak RSS (getrusage's maxrss starts at the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+before = status("VmHWM")
+sae = load_sae(sys.argv[1])
+first = sae.fingerprint()
+again = sae.fingerprint()  # remembered: no second pass
+print(json.dumps({"before": before, "peak": status("VmHWM"), "same": first == again}))
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_reliability_load_sae_peak_memory_is_near_the_file_size(tmp_path, dtype):
+    """Case 15: load_sae and the fingerprint allocate the SAE once: the peak RSS of a fresh process grows by
+    about the file size (it was 1.9x for float32 and 3x for float16, the fingerprint copied all of W_dec)."""
+    path = tmp_path / "sae.safetensors"
+    latents = 32768 if dtype == torch.float16 else 16384  # 128 MiB files
+    save_sae(SparseAutoencoder(1024, latents, 8, dtype=dtype), path)
+    size = path.stat().st_size
+    result = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, str(path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    grown = measured["peak"] - measured["before"]
+    assert measured["same"]
+    assert grown < 1.1 * size + 64 * 2**20, f"peak grew by {grown / size:.2f}x the file size ({measured})"
