@@ -3,7 +3,7 @@
 Layout (the safetensors format): an 8-byte little-endian header length, the JSON header (tensor name ->
 {"dtype", "shape", "data_offsets"}, and ``__metadata__``: string -> string), padded with spaces to a multiple
 of 8 bytes, then the tensors' bytes back to back. Writing streams every tensor's memory straight to the file
-(no serialized copy, no temporary file of its own: :func:`formats.atomic_write` owns the only one).
+(no serialized copy, no temporary file of its own: :func:`atomic.atomic_write` owns the only one).
 Framing checks live in :func:`formats.read_header`; this module trusts the header it is given.
 
 Digests: every file written records, in the metadata key ``digests`` (JSON), the SHA-256 of every tensor (of
