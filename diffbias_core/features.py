@@ -100,17 +100,6 @@ class FeatureSet:
             raise ValueError(f"k must be a non-negative integer, got {k!r}")
         return self.ids[class_index][:k]
 
-    def check_top_k(self, top_k: int) -> None:
-        """Raise ValueError when a class has fewer than ``top_k`` features (top_k would silently take fewer)."""
-        counts = [int(ids.numel()) for ids in self.ids]
-        fewest = min(range(self.num_classes), key=counts.__getitem__)
-        if top_k > counts[fewest]:
-            raise ValueError(
-                f"top_k {top_k} asks for more features than this feature set has: class "
-                f"{self.classes[fewest]!r} has {counts[fewest]}; lower top_k to {counts[fewest]} or find more "
-                "features per class (Attribute Bias Features' top_k)"
-            )
-
     def check_matches(self, sae: SparseAutoencoder) -> None:
         """Raise ValueError unless ``sae`` is the SAE these feature ids were ranked on."""
         fingerprint = sae.fingerprint()
@@ -125,6 +114,19 @@ class FeatureSet:
             raise ValueError(
                 f"feature id {largest} is out of range for an SAE with {sae.num_latents} latents"
             )
+
+
+def check_top_k(features: FeatureSet, top_k: int) -> None:
+    """Raise ValueError when a class of ``features`` has fewer than ``top_k`` features (top_k would silently
+    take fewer)."""
+    counts = [int(ids.numel()) for ids in features.ids]
+    fewest = min(range(len(counts)), key=counts.__getitem__)
+    if top_k > counts[fewest]:
+        raise ValueError(
+            f"top_k {top_k} asks for more features than this feature set has: class "
+            f"{features.classes[fewest]!r} has {counts[fewest]}; lower top_k to {counts[fewest]} or find more "
+            "features per class (Attribute Bias Features' top_k)"
+        )
 
 
 def _check_class_tensors(name: str, ids: Tensor, scores: Tensor) -> None:
@@ -213,4 +215,4 @@ def load_features(path: str | PathLike[str]) -> FeatureSet:
         raise FormatError(f"{path}: {error}") from None
 
 
-__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "load_features", "save_features"]
+__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "check_top_k", "load_features", "save_features"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
+from ..diffbias_core.features import check_top_k
 from .model_info import check_hook, parse_hook
 from .patching import add_intervention
 from .widgets import seed_input
@@ -155,7 +156,7 @@ class ApplyIntervention(io.ComfyNode):
                 "window would be empty; make start_percent <= end_percent"
             )
         features.check_matches(sae.sae)
-        features.check_top_k(top_k)
+        check_top_k(features, top_k)
         hook = parse_hook(sae.sae.hook)
         check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
         if not hook.is_unet and sae.sae.kernel_size != 1:

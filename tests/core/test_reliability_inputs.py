@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from diffbias_core import FeatureSet, SparseAutoencoder, cli_info, load_features
 from diffbias_core.activations import ShardReader
 from diffbias_core.cli_info import describe
+from diffbias_core.features import check_top_k
 from diffbias_core.formats import SAE_TENSORS, FormatError, load_sae, read_header, sae_file_metadata
 
 
@@ -173,9 +174,9 @@ def test_reliability_top_k_above_the_features_is_an_error():
     """Case 10: asking for more features than a class has is said, not silently clamped."""
     features = FeatureSet(("male", "female"), (torch.arange(5), torch.arange(5, 8)),
                           (torch.linspace(1, 0, 5), torch.linspace(1, 0, 3)), "0" * 16, "unet.middle", "ig")  # fmt: skip
-    features.check_top_k(3)
+    check_top_k(features, 3)
     with pytest.raises(ValueError, match="class 'female' has 3; lower top_k to 3"):
-        features.check_top_k(4)
+        check_top_k(features, 4)
 
 
 # ------------------------------------------------------------------------------------------------ case 11
