@@ -21,7 +21,6 @@ can be streamed in bounded memory.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .formats import write_safetensors
+from .formats import read_header, write_safetensors
 
 SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"
@@ -216,12 +215,11 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
+            header, metadata = read_header(self.path)  # framing, dtypes, shapes and offsets checked
             with open(self.path, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_len))
-        except (OSError, ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{self.path}: not a readable .safetensors activation shard ({err})") from err
-        metadata = header.pop("__metadata__", None) or {}
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{self.path}: not a readable .safetensors activation shard ({err})") from None
         missing = [name for name in REQUIRED if name not in header]
         if missing or "hook" not in metadata:
             raise ValueError(

@@ -34,6 +34,7 @@ from torch import Tensor
 from .activations import ActivationBatch, ActivationSource
 from .features import FeatureSet
 from .probes import StepProbes
+from .progress import check_stop
 from .sae import SparseAutoencoder
 
 _ELEMENTS = 1 << 23  # interpolated values per batched IG pass (about 32 MB in float32)
@@ -176,7 +177,8 @@ def _partners(batch: ActivationBatch, step: int, classes: tuple[str, ...]) -> Te
 
 
 def ig_scores(sae: SparseAutoencoder, probes: StepProbes, source: ActivationSource, config: AttributionConfig,
-              progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, dict[str, str]]:  # fmt: skip
+              progress: Callable[[int, int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, dict[str, str]]:  # fmt: skip
     """(classes, L) summed DiffLens scores per class, and facts for the provenance."""
     classes = source.classes
     scores = torch.zeros(len(classes), sae.num_latents, dtype=torch.float64)
@@ -189,6 +191,7 @@ def ig_scores(sae: SparseAutoencoder, probes: StepProbes, source: ActivationSour
         per_row = config.points * math.prod(source.row_shape)
         chunk = max(1, _ELEMENTS // max(1, per_row * (1 if partners is None else partners.shape[1])))
         for start in range(0, batch.num_rows, chunk):
+            check_stop(should_stop)
             part = slice(start, start + chunk)
             acts = batch.activations[part].to(sae.device, sae.dtype)
             base = None
@@ -212,7 +215,8 @@ def ig_scores(sae: SparseAutoencoder, probes: StepProbes, source: ActivationSour
 
 
 def mean_diff_scores(sae: SparseAutoencoder, source: ActivationSource,
-                     progress: Callable[[int, int], None] | None = None) -> Tensor:  # fmt: skip
+                     progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> Tensor:  # fmt: skip
     """(classes, L): mean latent activation (over activations and positions) of each class minus the mean of
     the other classes' means."""
     classes = len(source.classes)
@@ -222,6 +226,7 @@ def mean_diff_scores(sae: SparseAutoencoder, source: ActivationSource,
     total = math.ceil(source.num_rows / read)
     with torch.no_grad():
         for done, batch in enumerate(source.iter_batches(read)):
+            check_stop(should_stop)
             batch = batch.select(batch.label >= 0)
             code = sae.encode(_rows(sae, batch.activations.to(sae.device)))  # (b, P, k)
             b, p, k = code.indices.shape
@@ -262,11 +267,13 @@ def check_classes(source: ActivationSource) -> None:
 
 def attribute(sae: SparseAutoencoder, source: ActivationSource, config: AttributionConfig = AttributionConfig(),
               probes: StepProbes | None = None, *,
-              progress: Callable[[int, int], None] | None = None) -> FeatureSet:  # fmt: skip
+              progress: Callable[[int, int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> FeatureSet:  # fmt: skip
     """Rank the SAE's latents per class of ``source`` into a :class:`FeatureSet`.
 
     ``ig`` needs ``probes`` fitted on the same hook and activation shape (ValueError otherwise).
-    progress: called with (units done, units in all). Scores are summed over steps, samples, positions.
+    progress: called with (units done, units in all). should_stop: polled before every batch of work; True
+    raises :class:`~.progress.Cancelled`. Scores are summed over steps, samples, positions.
     """
     sae.check_width(source.row_shape[0], "activations")
     if sae.hook != source.hook and "unknown" not in (sae.hook, source.hook):
@@ -285,10 +292,10 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
                 f"the probes predict classes {list(probes.classes)}, the activations name "
                 f"{list(source.classes)}"
             )
-        scores, more = ig_scores(sae, probes, source, config, progress)
+        scores, more = ig_scores(sae, probes, source, config, progress, should_stop)
         facts.update(more)
     elif config.method == "mean-diff":
-        scores = mean_diff_scores(sae, source, progress)
+        scores = mean_diff_scores(sae, source, progress, should_stop)
     else:
         scores = random_scores(sae.num_latents, len(source.classes), config.seed)
         facts["seed"] = str(config.seed)

@@ -18,11 +18,14 @@ from . import distributed as ddp
 from .activations import ShardSet
 from .attribution import AttributionConfig, attribute
 from .features import save_features
-from .formats import FormatError, load_sae
+from .formats import FormatError, check_writable_name, load_sae
 from .probes import ProbeConfig, fit_probes
 from .progress import Progress
 from .train import TrainConfig, rows_per_activation, train_sae
 from .train_state import state_path
+
+CHECKPOINT_EVERY = 1000
+"""Default steps between resumable checkpoints of ``train-sae``: a killed run loses at most this many."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,9 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model-family", default="unknown", help="model family recorded in the SAE file")
     train.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     train.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUT with .ckpt)")
-    train.add_argument(
-        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)"
-    )
+    train.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                       help=f"steps between checkpoints (default {CHECKPOINT_EVERY}; 0: at the end only)")  # fmt: skip
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     train.set_defaults(run=train_command)
 
@@ -102,6 +104,9 @@ def train_command(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or args.out.with_name(
         f"{args.out.stem}.ckpt{args.out.suffix or '.safetensors'}"
     )
+    if args.resume and not state_path(checkpoint).exists():
+        return _fail(f"--resume: there is no checkpoint {checkpoint} to resume from (it is written every "
+                     f"{args.checkpoint_every} steps and at the end); run without --resume to start from scratch")  # fmt: skip
     with Progress(total, "train-sae", enabled=rank == 0) as bar:
 
         def progress(stats) -> None:
@@ -131,6 +136,7 @@ def train_command(args: argparse.Namespace) -> int:
 def attribute_command(args: argparse.Namespace) -> int:
     """Fit per-step probes on labelled shards and rank the SAE's features per class."""
     try:
+        check_writable_name(args.out)
         shards = ShardSet(args.shards)
         sae = load_sae(args.sae)
         config = AttributionConfig(method=args.method, baseline=args.baseline, top_k=args.top_k,

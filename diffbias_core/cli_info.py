@@ -1,6 +1,7 @@
 """``python -m diffbias_core info PATH [--json]``: what an SAE (file or folder) or a feature-set file holds.
 
-Reads only file headers and ``cfg.json``: fast even for multi-gigabyte SAEs.
+Reads the file headers and ``cfg.json``, and checks every recorded digest (``digest``: ``ok``, or ``no digest``
+for a file written without them; a mismatch is an error). The data is hashed in bounded memory.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import sys
 from pathlib import Path
 
 from .features import FEATURES_FORMAT
-from .formats import FormatError, read_header, sae_metadata
+from .formats import FormatError, digest_status, read_header, sae_metadata
+from .importers import WEIGHT_FILES
+from .tensorfile import DIGESTS_KEY
 
 
 def describe(path: Path) -> dict[str, object]:
@@ -19,8 +22,11 @@ def describe(path: Path) -> dict[str, object]:
     if path.is_file():
         header, metadata = read_header(path)
         if metadata.get("format") == FEATURES_FORMAT:
-            return _describe_features(path, header, metadata)
+            return {**_describe_features(path, header, metadata), "digest": digest_status(path)}
     info: dict[str, object] = {"kind": "sae", "path": str(path), **sae_metadata(path)}
+    info.pop(DIGESTS_KEY, None)
+    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()] if path.is_dir() else [path]
+    info["digest"] = digest_status(weights[0]) if weights else "no digest"
     if isinstance(info.get("provenance"), str):
         info["provenance"] = _json_or_text(str(info["provenance"]))
     return info
@@ -38,7 +44,7 @@ def _describe_features(path: Path, header: dict[str, dict], metadata: dict[str, 
     return {
         "kind": "features",
         "path": str(path),
-        **{key: value for key, value in metadata.items() if key not in ("classes", "provenance")},
+        **{key: value for key, value in metadata.items() if key not in ("classes", "provenance", DIGESTS_KEY)},
         "classes": classes,
         "features_per_class": counts,
         "provenance": _json_or_text(metadata.get("provenance", "{}")),

@@ -116,6 +116,19 @@ class FeatureSet:
             )
 
 
+def check_top_k(features: FeatureSet, top_k: int) -> None:
+    """Raise ValueError when a class of ``features`` has fewer than ``top_k`` features (top_k would silently
+    take fewer)."""
+    counts = [int(ids.numel()) for ids in features.ids]
+    fewest = min(range(len(counts)), key=counts.__getitem__)
+    if top_k > counts[fewest]:
+        raise ValueError(
+            f"top_k {top_k} asks for more features than this feature set has: class "
+            f"{features.classes[fewest]!r} has {counts[fewest]}; lower top_k to {counts[fewest]} or find more "
+            "features per class (Attribute Bias Features' top_k)"
+        )
+
+
 def _check_class_tensors(name: str, ids: Tensor, scores: Tensor) -> None:
     where = f"FeatureSet class {name!r}"
     if not isinstance(ids, Tensor) or not isinstance(scores, Tensor):
@@ -138,6 +151,13 @@ def _check_class_tensors(name: str, ids: Tensor, scores: Tensor) -> None:
         raise ValueError(f"{where}: ids must be unique within a class, found a repeated id in {ids.tolist()}")
     if not torch.isfinite(scores).all():
         raise ValueError(f"{where}: scores must be finite, found {scores.tolist()}")
+    if ids.numel() == 0:
+        raise ValueError(f"{where}: has no features; a class without features edits nothing")
+    if bool((scores[1:] > scores[:-1]).any()):
+        raise ValueError(
+            f"{where}: scores must be in descending order (best first, as top_k takes them), found "
+            f"{scores.tolist()[:8]}{' ...' if scores.numel() > 8 else ''}"
+        )
 
 
 def save_features(features: FeatureSet, path: str | PathLike[str]) -> None:
@@ -195,4 +215,4 @@ def load_features(path: str | PathLike[str]) -> FeatureSet:
         raise FormatError(f"{path}: {error}") from None
 
 
-__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "load_features", "save_features"]
+__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "check_top_k", "load_features", "save_features"]

@@ -9,6 +9,8 @@ by ``importers.py``; :func:`load_sae` dispatches to them.
 Every file is checked before safetensors parses it: the 8-byte header length and every tensor's data offsets
 must fit in the file. Pickle-based files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) are refused: loading them
 can run code. Every error is a :class:`FormatError` naming the file, what was expected and what was found.
+Every file written records a SHA-256 digest of each tensor and of the header (``tensorfile.py``); reading
+verifies them (files without digests, from older versions or other tools, load as before).
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atomic import atomic_write, check_writable_name, remove_stale_temporaries
+from .memory import check_fits
 from .sae import SparseAutoencoder
+from .tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
+from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
 
 SAE_FORMAT = "diffbias.sae"
 """Value of the ``format`` metadata key of a native SAE file."""
@@ -40,13 +43,6 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
-_TORCH_DTYPES = {
-    name: getattr(torch, attr)
-    for name, attr in {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-                       "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
-                       "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64"}.items()
-    if hasattr(torch, attr)
-}  # fmt: skip
 _FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -84,6 +80,8 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a folder, expected a .safetensors file") from None
+    except OSError as error:  # a symlink loop, no permission, an I/O error
+        raise FormatError(f"{path}: cannot be read ({error.strerror or error})") from None
     if declared < 0:
         raise FormatError(f"{path}: truncated: {size} bytes, expected at least the 8-byte header length")
     if declared > size - 8 and (head[:2] == b"PK" or head[:1] == b"\x80"):
@@ -91,17 +89,20 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
             f"{path}: this is a pickle/zip checkpoint named like safetensors; refusing it, because unpickling "
             "can run arbitrary code hidden in the file. Convert it to real .safetensors where you trust it."
         )
+    # never quote `declared`: for a file that is not safetensors it is 8 bytes of that file's content
     if declared > size - 8:
         raise FormatError(
-            f"{path}: header declares {declared} bytes but only {size - 8} follow the length field "
+            f"{path}: header declares more bytes than the {size - 8} that follow the length field "
             "(truncated, or not a safetensors file)"
         )
     if declared > MAX_HEADER_BYTES:
-        raise FormatError(f"{path}: header of {declared} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise FormatError(f"{path}: header exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, an integer too long
         raise FormatError(f"{path}: header is not valid JSON ({error}); not a safetensors file?") from None
+    except RecursionError:
+        raise FormatError(f"{path}: header is JSON nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -109,7 +110,23 @@ def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], d
         raise FormatError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}")
     for name, entry in header.items():
         _check_entry(path, name, entry, size - 8 - declared)
+    _check_layout(path, header, size - 8 - declared)
     return header, metadata
+
+
+def _check_layout(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """The tensors' bytes must lie back to back from the start of the data to its end (safetensors' rule):
+    no two tensors share bytes, nothing is left between or after them."""
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, stop = entry["data_offsets"]
+        if begin < end:
+            raise FormatError(f"{path}: tensor {name!r} at bytes [{begin}, {stop}) overlaps another tensor's bytes")
+        if begin > end:
+            raise FormatError(f"{path}: {begin - end} data bytes before tensor {name!r} belong to no tensor")
+        end = stop
+    if end != data_bytes:
+        raise FormatError(f"{path}: {data_bytes - end} data bytes after the last tensor belong to no tensor")
 
 
 def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
@@ -138,33 +155,75 @@ def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
 
 
 def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Checked load of a whole safetensors file to CPU: (tensors, metadata)."""
-    _, metadata = read_header(path)
+    """Checked load of a whole safetensors file to CPU, its digests verified when it has them: (tensors, metadata)."""
+    tensors, metadata, _ = read_verified(path)
+    return tensors, metadata
+
+
+def _data_start(path: str | PathLike[str]) -> int:
+    with open(path, "rb") as file:
+        return 8 + int.from_bytes(file.read(8), "little")
+
+
+def _recorded_digests(path, header: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str] | None:
+    """The recorded per-tensor digests after checking the header's own digest; None for a file without."""
+    text = metadata.get(DIGESTS_KEY)
+    if text is None:
+        return None
     try:
-        return load_file(os.fspath(path), device="cpu"), metadata
-    except (SafetensorError, OSError, RuntimeError) as error:
+        record = json.loads(text)
+        tensors, head = record["tensors"], record["header"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise FormatError(f"{path}: metadata {DIGESTS_KEY!r} is damaged (not the JSON this code writes)") from None
+    if not isinstance(tensors, dict) or set(tensors) != set(header) or not isinstance(head, str):
+        raise FormatError(
+            f"{path}: the recorded digests name tensors {sorted(tensors) if isinstance(tensors, dict) else tensors!r}, "
+            f"the file holds {sorted(header)}: the file was damaged"
+        )
+    if header_digest(metadata, header) != head:
+        raise FormatError(
+            f"{path}: the header (metadata, tensor dtypes or shapes) does not match its recorded digest: the "
+            "file was damaged or edited; get a good copy again"
+        )
+    return tensors
+
+
+def _compare_digests(path, recorded: Mapping[str, str], found: Mapping[str, str]) -> None:
+    bad = sorted(name for name in recorded if recorded[name] != found.get(name))
+    if bad:
+        raise FormatError(
+            f"{path}: the data of tensor(s) {bad} does not match the recorded digest: the file was damaged (a bad "
+            "copy, download or disk); get a good copy again"
+        )
+
+
+def read_verified(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str] | None]:
+    """:func:`read_safetensors` that also returns the verified per-tensor digests (None: the file has none)."""
+    header, metadata = read_header(path)
+    recorded = _recorded_digests(path, header, metadata)
+    check_fits(sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), f"loading {path}")
+    try:
+        tensors, found = read_file(os.fspath(path), header, _data_start(path), digests=recorded is not None)
+    except (OSError, EOFError, RuntimeError) as error:
         raise FormatError(f"{path}: could not be read as safetensors ({error})") from None
+    if recorded is not None:
+        _compare_digests(path, recorded, found)
+    return tensors, metadata, recorded
 
 
-def atomic_write(path: str | PathLike[str], write: Callable[[str], None]) -> None:
-    """Run ``write(temp_path)`` on a temporary file beside ``path``, then rename it into place.
-
-    Nothing appears at ``path`` unless ``write`` finished: a failure removes the temporary file and
-    re-raises. The file is readable by everyone (0644), not private as mkstemp makes it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+def digest_status(path: str | PathLike[str]) -> str:
+    """``ok`` when every digest of the file matches (read in bounded memory), ``no digest`` for a file written
+    without them; FormatError naming what does not match."""
+    header, metadata = read_header(path)
+    recorded = _recorded_digests(path, header, metadata)
+    if recorded is None:
+        return "no digest"
     try:
-        write(temp)
-        with open(temp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; SAE and feature files are shared
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        _, found = read_file(os.fspath(path), header, _data_start(path), digests=True, keep=False)
+    except (OSError, EOFError) as error:
+        raise FormatError(f"{path}: could not be read ({error})") from None
+    _compare_digests(path, recorded, found)
+    return "ok"
 
 
 def write_safetensors(
@@ -172,7 +231,10 @@ def write_safetensors(
 ) -> None:
     """Write a safetensors file atomically (see :func:`atomic_write`)."""
     refuse_pickle(Path(path))
-    atomic_write(path, lambda temp: save_file(dict(tensors), temp, metadata=dict(metadata)))
+    cpu = {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}  # must be contiguous
+    if not all(t.is_contiguous() for t in cpu.values()):
+        raise ValueError(f"{path}: every tensor must be contiguous to be written")
+    atomic_write(path, lambda temp: write_file(temp, cpu, with_digests(cpu, metadata)))
 
 
 def check_metadata_version(
@@ -182,7 +244,7 @@ def check_metadata_version(
     if metadata.get("format") != fmt:
         raise FormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {fmt!r}")
     found = metadata.get("format_version", "")
-    if not found.isdigit() or not 1 <= int(found) <= version:
+    if not (found.isascii() and found.isdigit() and len(found) <= 9) or not 1 <= int(found) <= version:
         raise FormatError(
             f"{path}: format_version {found!r} of {fmt} is not readable here (this code reads versions 1 to "
             f"{version}); update diffbias"
@@ -194,9 +256,22 @@ def check_weights(path: str | PathLike[str], tensors: Mapping[str, Tensor]) -> N
     for name, tensor in tensors.items():
         if tensor.dtype not in _FLOAT_DTYPES:
             raise FormatError(f"{path}: tensor {name!r} is {tensor.dtype}, expected a floating dtype")
-        if not tensor.is_meta and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise FormatError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
+        if tensor.is_meta or _all_finite(tensor):
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise FormatError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """True when every value is finite, in chunks without a mask as large as the tensor: a chunk's float32 sum
+    is finite unless it holds inf/NaN (or overflows: then its values are checked one by one)."""
+    flat = tensor.reshape(-1)
+    wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    for start in range(0, flat.numel(), 1 << 22):
+        part = flat[start : start + (1 << 22)]
+        if not torch.isfinite(part.sum(dtype=wide)) and not bool(torch.isfinite(part).all()):
+            return False
+    return True
 
 
 def expect_shapes(
@@ -257,7 +332,7 @@ def save_sae(sae: SparseAutoencoder, path: str | PathLike[str]) -> None:
 
 def _int_field(path: Path, metadata: Mapping[str, str], key: str) -> int:
     value = metadata.get(key, "")
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit() and len(value) <= 18) or int(value) < 1:
         raise FormatError(f"{path}: metadata {key!r} must be a positive integer, found {value!r}")
     return int(value)
 
@@ -277,18 +352,29 @@ def _read_native_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, metadata
 
 
-def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
+def _native_parts(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """(k, provenance) of a native header, after checking its sizes against the tensor shapes."""
     d_in, num_latents, k, kernel_size = _native_sizes(path, metadata)
     kernel = (kernel_size, kernel_size) if kernel_size > 1 else ()
     expect_shapes(path, header, {"W_enc": (num_latents, d_in, *kernel), "b_enc": (num_latents,),
                                  "W_dec": (num_latents, d_in, *kernel), "b_dec": (d_in,)})  # fmt: skip
-    tensors, _ = read_safetensors(path)
     try:
         provenance = json.loads(metadata.get("provenance", "{}"))
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise FormatError(f"{path}: metadata 'provenance' is not valid JSON ({error})") from None
+    if not isinstance(provenance, dict) or not all(isinstance(v, str) for v in provenance.values()):
+        raise FormatError(f"{path}: metadata 'provenance' must be a JSON object of strings, found {provenance!r:.200}")
+    return k, provenance
+
+
+def _load_native(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> SparseAutoencoder:
+    k, provenance = _native_parts(path, header, metadata)
+    tensors, _, digests = read_verified(path)
     sae = build_sae(path, tensors, k, metadata.get("hook", "unknown"), metadata.get("model_family", "unknown"),
                     provenance)  # fmt: skip
+    if digests is not None:  # verified: the decoder's digest is its fingerprint's hash for float32 weights
+        known = digests["W_dec"][:16] if sae.W_dec.dtype == torch.float32 else metadata.get("fingerprint")
+        sae.set_known_fingerprint(known)
     stored = metadata.get("fingerprint")
     if stored is not None and stored != sae.fingerprint():
         raise FormatError(
@@ -310,7 +396,7 @@ def build_sae(
             *(tensors[name].to(dtype) for name in SAE_TENSORS), k,
             hook=hook, model_family=model_family, provenance=provenance,
         )  # fmt: skip
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise FormatError(f"{path}: {error}") from None
 
 
@@ -360,8 +446,10 @@ def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
         metadata = {**sae_file_metadata(sae, fingerprint=False), "format": sae.provenance["imported_from"]}
         del metadata["format_version"]  # the native layout's version says nothing about an imported one
         return metadata
-    _, metadata = _read_native_header(path)
-    _native_sizes(path, metadata)
+    header, metadata = _read_native_header(path)
+    k, provenance = _native_parts(path, header, metadata)
+    build_sae(path, meta_tensors(header), k, metadata.get("hook", "unknown"), metadata.get("model_family", "unknown"),
+              provenance)  # fmt: skip  (checks what a load checks, without the data)
     return dict(metadata)
 
 
@@ -372,9 +460,13 @@ __all__ = [
     "FormatError",
     "atomic_write",
     "check_metadata_version",
+    "check_writable_name",
+    "digest_status",
     "load_sae",
     "read_header",
     "read_safetensors",
+    "read_verified",
+    "remove_stale_temporaries",
     "sae_metadata",
     "save_sae",
     "write_safetensors",

@@ -57,11 +57,18 @@ def import_folder(folder: Path, *, load: bool) -> SparseAutoencoder:
     weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
     if not (folder / "cfg.json").is_file() or not weights:
         raise FormatError(_describe_unknown(folder))
+    if len(weights) > 1:
+        raise FormatError(
+            f"{folder}: holds both {' and '.join(p.name for p in weights)} beside one cfg.json, so it is not clear "
+            "which SAE (sparsify/DiffLens or SAELens) the folder is; keep each SAE in its own folder"
+        )
     cfg_path, weight_path = folder / "cfg.json", weights[0]
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, a too long integer
         raise FormatError(f"{cfg_path}: not readable as JSON ({error})") from None
+    except RecursionError:
+        raise FormatError(f"{cfg_path}: JSON nested too deeply to be an SAE config") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
     header, _ = read_header(weight_path)

@@ -167,6 +167,8 @@ def apply_edit(
     sample_class: (B,) int64, the class per row; ``-1`` leaves the row unchanged (bit for bit),
         :data:`SUPPRESS` ablates every class's features; other values outside [0, classes) act as -1.
     Returns (B, P, n_in) in x's dtype and device: ``x + W_dec (z' - z)``; ``x`` itself for an identity spec.
+    The edit is computed in float32 (z times a strength of 1000 overflows float16) and, for a narrower x,
+    clamped to x's finite range before the cast back: the result is never inf or NaN where x was finite.
     No host-device synchronisation, no dense (B, P, num_latents) tensor beyond the encoder's own.
     """
     if spec.is_identity:
@@ -183,12 +185,17 @@ def apply_edit(
         )
     weight = sae.w_dec_flat
     code = sae.encode(x.to(weight.device))  # values, indices: (B, P, k)
-    a, c = _edit_coefficients(table, sample_class, spec, weight.dtype)  # (B, M) each
+    wide = torch.promote_types(weight.dtype, torch.float32)  # float32 unless the SAE is float64
+    a, c = _edit_coefficients(table, sample_class, spec, wide)  # (B, M) each
     ids = table.ids.reshape(-1)  # (M,)
-    z = _selected_values(code.values, code.indices, ids, sae.num_latents)  # (B, P, M)
+    z = _selected_values(code.values.to(wide), code.indices, ids, sae.num_latents)  # (B, P, M)
     delta = a.unsqueeze(1) * z + c.unsqueeze(1)  # (B, P, M) = z' - z
-    change = delta @ weight[ids]  # (B, P, M) @ (M, n_in) -> (B, P, n_in)
-    edited = x + change.to(device=x.device, dtype=x.dtype)
+    change = delta @ weight[ids].to(wide)  # (B, P, M) @ (M, n_in) -> (B, P, n_in), only M rows widened
+    if torch.finfo(x.dtype).bits >= torch.finfo(wide).bits:
+        edited = x + change.to(device=x.device, dtype=x.dtype)
+    else:  # add where it cannot overflow, then keep inside x's dtype
+        limit = torch.finfo(x.dtype).max
+        edited = (x.to(wide) + change.to(x.device)).clamp_(-limit, limit).to(x.dtype)
     keep = ((a != 0) | (c != 0)).any(1).to(x.device)  # (B,) rows with any change
     return torch.where(keep[:, None, None], edited, x)
 

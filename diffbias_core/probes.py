@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import ActivationBatch, ActivationSource
+from .progress import check_stop
 
 
 @dataclass(frozen=True)
@@ -115,22 +116,26 @@ def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig) -> tuple[Tensor, Tensor]:
+def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Multiclass logistic regression on raw x: (N, F), y: (N,) -> weight (classes, F), bias (classes,).
 
-    Works inside ``torch.inference_mode()`` (as in a ComfyUI node): the fit leaves it.
+    Works inside ``torch.inference_mode()`` (as in a ComfyUI node): the fit leaves it. ``should_stop`` is
+    polled at every loss evaluation; True raises :class:`~.progress.Cancelled`.
     """
     with torch.inference_mode(False):
-        return _fit_logistic(x.clone(), y.clone(), classes, config)
+        return _fit_logistic(x.clone(), y.clone(), classes, config, should_stop)
 
 
-def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig) -> tuple[Tensor, Tensor]:
+def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     mean, std = _standardise(x)
     z = (x - mean) / std  # (N, F)
     weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
 
     def loss() -> Tensor:
+        check_stop(should_stop)
         return F.cross_entropy(z @ weight.T + bias, y) + 0.5 * config.weight_decay * weight.pow(2).sum()
 
     with torch.enable_grad():
@@ -171,7 +176,8 @@ def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
     return ids[order[:count]].sort().values
 
 
-def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int):
+def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int,
+              should_stop: Callable[[], bool] | None = None):  # fmt: skip
     labelled = batch.select(batch.label >= 0)
     test = torch.isin(labelled.sample, held)
     x = labelled.activations.reshape(labelled.num_rows, -1).float()  # (N, features)
@@ -182,7 +188,7 @@ def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], conf
         raise ValueError(
             f"step {step}: the probe needs training activations of at least two classes, found {present}"
         )
-    weight, bias = fit_logistic(x[~test], y[~test], len(classes), config)
+    weight, bias = fit_logistic(x[~test], y[~test], len(classes), config, should_stop)
     predicted = (x @ weight.T + bias).argmax(1)
     correct = predicted == y
     accuracy = correct[test].float().mean() if bool(test.any()) else torch.tensor(float("nan"))
@@ -190,11 +196,13 @@ def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], conf
 
 
 def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
-               progress: Callable[[int, int], None] | None = None) -> StepProbes:  # fmt: skip
+               progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> StepProbes:  # fmt: skip
     """Fit one probe per step of ``source`` on its labelled activations (label >= 0).
 
-    progress: called with (steps done, steps in all). Raises ValueError when the source has fewer than
-    two classes or a step has training activations of only one class.
+    progress: called with (steps done, steps in all). should_stop: polled before every step and at every
+    loss evaluation of the fit; True raises :class:`~.progress.Cancelled`. Raises ValueError when the source
+    has fewer than two classes or a step has training activations of only one class.
     """
     if len(source.classes) < 2:
         raise ValueError(f"probes need at least two classes, the activations name {list(source.classes)}")
@@ -202,7 +210,8 @@ def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
     held = holdout_samples(source.column("sample"), config.holdout, config.seed)
     results = []
     for i, step in enumerate(steps):  # one step in memory at a time
-        results.append(_fit_step(source.select_step(step), held, source.classes, config, step))
+        check_stop(should_stop)
+        results.append(_fit_step(source.select_step(step), held, source.classes, config, step, should_stop))
         if progress is not None:
             progress(i + 1, len(steps))
     with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 TERMINAL_INTERVAL = 0.2
 """Seconds between redraws on a terminal."""
 LOG_INTERVAL = 30.0
 """Seconds between lines when the stream is not a terminal."""
+
+
+class Cancelled(Exception):
+    """A long computation stopped because its ``should_stop`` callback returned True."""
+
+
+def check_stop(should_stop: Callable[[], bool] | None) -> None:
+    """Raise :class:`Cancelled` when ``should_stop`` is given and returns True (the loops of the core poll it)."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("stopped on request")
 
 
 class Progress:

@@ -101,6 +101,7 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(num_latents, **factory))
         self.W_dec = nn.Parameter(torch.empty(num_latents, d_in, *kernel, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self._fingerprint: tuple[tuple, str] | None = None
         self.reset_parameters()
 
     @classmethod
@@ -290,13 +291,31 @@ class SparseAutoencoder(nn.Module):
         """16 hex digits of the SHA-256 of the decoder weight (float32, C order).
 
         Identifies the dictionary that feature ids refer to: a FeatureSet made for one SAE
-        records it, and is refused by an SAE with another fingerprint.
+        records it, and is refused by an SAE with another fingerprint. Hashed in row chunks (no copy
+        of the whole decoder) and remembered until ``W_dec`` is replaced or changed in place (writes
+        through ``W_dec.data`` bypass the version counter: call :meth:`set_known_fingerprint` with None).
         """
-        data = self.W_dec.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+        key = self._fingerprint_key()
+        if self._fingerprint is not None and self._fingerprint[0] == key:
+            return self._fingerprint[1]
         digest = hashlib.sha256()
         digest.update(f"{tuple(self.W_dec.shape)}".encode())
-        digest.update(data)
-        return digest.hexdigest()[:16]
+        rows = self.W_dec.detach().reshape(self.W_dec.shape[0], -1)  # (L, n_in), C order
+        chunk = max(1, (4 << 20) // max(1, rows.shape[1]))  # about 16 MB of float32 at a time
+        for start in range(0, rows.shape[0], chunk):
+            digest.update(rows[start : start + chunk].to(device="cpu", dtype=torch.float32).contiguous().numpy())
+        value = digest.hexdigest()[:16]
+        self._fingerprint = (key, value)
+        return value
+
+    def set_known_fingerprint(self, value: str | None) -> None:
+        """Remember ``value`` as :meth:`fingerprint` of the current ``W_dec`` (a loader that verified it from
+        the file's digests); None forgets it."""
+        self._fingerprint = None if value is None else (self._fingerprint_key(), value)
+
+    def _fingerprint_key(self) -> tuple:
+        w = self.W_dec
+        return (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
 
     def extra_repr(self) -> str:
         kernel = f", kernel_size={self.kernel_size}" if self.kernel_size > 1 else ""

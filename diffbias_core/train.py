@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
@@ -479,15 +481,21 @@ def train_sae(
     written about every ``config.checkpoint_every`` steps and at the end; with ``resume`` an existing one
     is continued from the data position it records. sae_options: ``kernel_size``, ``model_family``,
     ``device`` for :class:`SaeTrainer`. stop: polled after every chunk; True ends training early (the
-    files are still written). Ctrl-C also writes them, then re-raises KeyboardInterrupt. With
-    torch.distributed initialized, each process trains on every world-size-th chunk.
+    files are still written). Ctrl-C (in the main thread, with Python's default handler) also stops after
+    the current chunk, writes the files, then raises KeyboardInterrupt: a resume then continues exactly
+    where the run stopped. A second Ctrl-C stops at once and writes only ``out``; the checkpoint stays the
+    last whole one. With torch.distributed initialized, each process trains on every world-size-th chunk.
     """
-    from .train_state import load_checkpoint, save_checkpoint
+    from .formats import check_writable_name
+    from .train_state import load_checkpoint, save_checkpoint, state_path
 
+    for target in [out] if checkpoint is None else [out, checkpoint, state_path(checkpoint)]:
+        if target is not None:
+            check_writable_name(target)  # before any work: a name that cannot be written loses the run
     options = dict(sae_options or {})
     kernel_size = int(options.get("kernel_size", 1))
     rank, world = ddp.world()
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    if resume and checkpoint is not None and state_path(checkpoint).exists():  # the state alone resumes
         trainer = load_checkpoint(checkpoint, config, device=options.get("device"), progress=progress)
         if trainer.sae.hook != source.hook or trainer.sae.d_in != source.row_shape[0]:
             raise ValueError(
@@ -506,6 +514,18 @@ def train_sae(
     }
     next_checkpoint = trainer.run.step + config.checkpoint_every
     interrupted = False
+    pending: list[int] = []  # a Ctrl-C waiting for the end of the chunk
+
+    def on_sigint(signum, frame) -> None:
+        pending.append(signum)
+        if len(pending) > 1:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        logger.warning("interrupted: finishing this chunk, then writing the files (Ctrl-C again to stop at once)")
+
+    defer = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # fmt: skip
+    if defer:
+        signal.signal(signal.SIGINT, on_sigint)
 
     def write() -> None:
         if checkpoint is not None:
@@ -519,7 +539,7 @@ def train_sae(
             for i, batch in enumerate(source.iter_batches(read, start=start + rank, every=world)):
                 trainer.feed(batch.activations)
                 position["chunk"] = start + (i + 1) * world
-                if stop is not None and stop():
+                if pending or (stop is not None and stop()):
                     trainer.request_stop()
                     interrupted = True
                 if trainer.stopped:
@@ -532,9 +552,18 @@ def train_sae(
         trainer.finish()
     except KeyboardInterrupt:
         trainer.stopped = True  # no further collective calls
-        write()
+        if len(pending) > 1:  # stopped at once, maybe mid-step: the best weights are a whole copy, the state not
+            if out is not None:
+                trainer.save(out)
+        else:
+            write()
         raise
+    finally:
+        if defer:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     write()
+    if pending:
+        raise KeyboardInterrupt
     return TrainResult(trainer.best_sae(), trainer.stats, interrupted, Path(out) if out else None,
                        Path(checkpoint) if checkpoint else None)  # fmt: skip
 

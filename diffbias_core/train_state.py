@@ -3,7 +3,8 @@
 ``CKPT.safetensors`` is an ordinary native SAE file (the current weights; any tool loads it) and
 ``CKPT.state.safetensors`` holds what resuming needs: Adam moments, the best weights so far, the firing
 counters, the shuffle buffer and generator, the counters and the config. Both are written atomically, the
-sidecar first, and each records the step, so a crash between the two writes is detected on resume.
+sidecar first; the sidecar alone holds everything a resume needs (the current weights included), so a
+crash between the two writes loses nothing: resuming continues from the sidecar and rewrites the SAE file.
 Resuming a single process continues bit-identically to an uninterrupted run.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from os import PathLike
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .train import SaeTrainer, TrainConfig
 
 STATE_FORMAT = "diffbias.train_state"
 STATE_VERSION = 1
+logger = logging.getLogger(__name__)
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _RUN_FIELDS = ("step", "rows", "skipped", "fvu", "l0", "auxk", "lr", "best_fvu")
 
@@ -103,12 +106,10 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
     run = json.loads(metadata["run"])
     from .formats import sae_metadata
 
-    saved_steps = json.loads(sae_metadata(path).get("provenance", "{}")).get("steps")
-    if saved_steps != str(run["step"]):
-        raise FormatError(
-            f"{path}: the SAE file is at step {saved_steps} but {sidecar.name} at {run['step']}; "
-            "the checkpoint was interrupted while being written"
-        )
+    try:
+        saved_steps = json.loads(sae_metadata(path).get("provenance", "{}")).get("steps")
+    except (FormatError, ValueError):
+        saved_steps = None  # missing or damaged: the sidecar has the weights, the file is rewritten below
     dev = trainer.sae.device
     with torch.no_grad():
         for name, p in zip(_PARAMS, trainer.params, strict=True):
@@ -132,6 +133,10 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
             trainer.buffer = torch.empty(trainer.capacity, trainer.sae.n_in, device=dev)
             trainer.fill = min(rows.shape[0], trainer.capacity)
             trainer.buffer[: trainer.fill] = rows[: trainer.fill].to(dev)
+    if saved_steps != str(run["step"]) and ddp.world()[0] == 0:
+        logger.warning("%s is at step %s but %s at %d (a checkpoint write was interrupted); resuming from the "
+                       "state and rewriting the SAE file from it", path, saved_steps, sidecar.name, run["step"])  # fmt: skip
+        write_current(trainer, path)
     return trainer
 
 

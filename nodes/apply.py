@@ -7,6 +7,7 @@ from typing import NamedTuple
 from comfy_api.latest import io
 
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
+from ..diffbias_core.features import check_top_k
 from .model_info import check_hook, parse_hook
 from .patching import add_intervention
 from .widgets import seed_input
@@ -180,6 +181,7 @@ def intervention_model(model, sae: SaeWire, features, settings: InterventionSett
             "window would be empty; make start_percent <= end_percent"
         )
     features.check_matches(sae.sae)
+    check_top_k(features, settings.top_k)
     hook = parse_hook(sae.sae.hook)
     check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
     if not hook.is_unet and sae.sae.kernel_size != 1:

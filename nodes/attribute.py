@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
+import comfy.model_management
 import comfy.utils
 import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import SparseAutoencoder
 from ..diffbias_core.activations import ActivationBatch, MemorySource, concat_batches, make_batch
 from ..diffbias_core.attribution import AttributionConfig, attribute
+from ..diffbias_core.memory import activation_bytes, check_fits, format_bytes
 from ..diffbias_core.probes import ProbeConfig, fit_probes
+from ..diffbias_core.progress import Cancelled
 from .charts import feature_chart
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
@@ -21,6 +26,7 @@ from .sampling import class_prompts as parse_class_prompts
 from .widgets import negative_prompt_input, sampler_inputs, size_inputs
 from .wires import FeaturesType, SaeType, SaeWire
 
+logger = logging.getLogger(__name__)
 METHODS = {"integrated gradients": "ig", "mean difference": "mean-diff"}
 """Widget value -> ``AttributionConfig.method``."""
 
@@ -30,6 +36,24 @@ def as_map(activations: torch.Tensor) -> torch.Tensor:
     if activations.ndim == 4:
         return activations
     return activations.permute(0, 2, 1).unsqueeze(-1)  # (n, T, C) -> (n, C, T, 1)
+
+
+def check_map_size(model, sae: SparseAutoencoder, point, width: int, height: int) -> None:
+    """Before sampling: a K x K-kernel SAE at the UNet bottleneck needs a K x K map at this image size."""
+    if sae.kernel_size == 1 or point.name != "unet.middle":
+        return
+    net = model.get_model_object("diffusion_model")
+    halvings = sum(isinstance(m, Downsample) for m in net.input_blocks.modules())
+    size = [height // 8, width // 8]  # the latent (empty_latent)
+    for _ in range(halvings):
+        size = [-(-n // 2) for n in size]  # a stride-2 convolution with padding 1: ceil(n / 2)
+    if size != [sae.kernel_size, sae.kernel_size]:
+        scale = 8 * 2**halvings
+        raise ValueError(
+            f"this SAE has a {sae.kernel_size}x{sae.kernel_size} kernel and codes the whole bottleneck map, but "
+            f"at {width}x{height} the map is {size[1]}x{size[0]}; set width and height to "
+            f"{sae.kernel_size * scale} (the size it was trained for) or use a per-token SAE"
+        )
 
 
 def autograd_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
@@ -136,12 +160,22 @@ class AttributeFeatures(io.ComfyNode):
         names, prompts = parse_class_prompts(class_prompts)
         point = parse_hook(sae.sae.hook)
         check_hook(model, point, sae.sae.d_in, sae.sae.model_family)
+        check_map_size(model, sae.sae, point, width, height)
         runs = plan_runs(len(prompts), [samples] * len(prompts), batch_size, seed, paired=True)
-        progress = comfy.utils.ProgressBar(len(runs) * steps + 1)
+        sampled = len(runs) * steps  # progress: sampling, then probes and ranking (steps units each)
+        progress = comfy.utils.ProgressBar(sampled + 2 * steps)
         parts: list[ActivationBatch] = []
         current = {}
+        memory: dict[str, int] = {}
 
         def sink(captured: Captured) -> None:
+            if not parts:  # the first activation: say what all of them will need, refuse what cannot fit
+                need = activation_bytes(len(prompts) * samples, steps, tuple(captured.activations.shape[1:]))
+                memory["need"] = need
+                logger.info("Attribute Bias Features keeps %d activations of shape %s: %s (up to twice that while "
+                            "they are joined)", len(prompts) * samples * steps, tuple(captured.activations.shape[1:]),
+                            format_bytes(need))  # fmt: skip
+                check_fits(2 * need, f"keeping the activations of {len(prompts) * samples} images x {steps} steps")
             run = current["run"]
             parts.append(
                 make_batch(
@@ -172,14 +206,24 @@ class AttributeFeatures(io.ComfyNode):
             "seed": str(seed),
             "size": f"{width}x{height}",
         }
-        with torch.inference_mode(False), torch.enable_grad():  # tensors made here can enter autograd
-            source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
-            probes = fit_probes(source, ProbeConfig(seed=seed % 2**31))
-            config = AttributionConfig(method=METHODS[method], top_k=top_k)
-            features = attribute(autograd_copy(sae.sae), source, config, probes)
+        def phase(offset: int):
+            return lambda done, total: progress.update_absolute(offset + done * steps // max(total, 1))
+
+        stop = comfy.model_management.processing_interrupted  # Cancel, polled inside the fits and IG
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # tensors made here can enter autograd
+                source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
+                probes = fit_probes(source, ProbeConfig(seed=seed % 2**31), progress=phase(sampled),
+                                    should_stop=stop)  # fmt: skip
+                config = AttributionConfig(method=METHODS[method], top_k=top_k)
+                features = attribute(autograd_copy(sae.sae), source, config, probes,
+                                     progress=phase(sampled + steps), should_stop=stop)  # fmt: skip
+        except Cancelled:
+            raise comfy.model_management.InterruptProcessingException() from None
         features = dataclasses.replace(features, provenance={**features.provenance, **facts})
-        progress.update(1)
+        progress.update_absolute(sampled + 2 * steps)
         accuracy = [float(a) for a in probes.accuracy]
         text = ", ".join(f"{int(s)}: {a:.2f}" for s, a in zip(probes.steps.tolist(), accuracy, strict=True))
+        text += f" (activations kept: {format_bytes(memory.get('need', 0))})"
         chart = feature_chart(features, top_k=min(top_k, 20), accuracy=[a for a in accuracy if a == a])
         return io.NodeOutput(features, chart, text, ui=ui.PreviewImage(chart, cls=cls))

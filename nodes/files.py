@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import folder_paths
 
-from ..diffbias_core.formats import FormatError
-from ..diffbias_core.importers import WEIGHT_FILES, layout_folder
+from ..diffbias_core.formats import check_writable_name
+from ..diffbias_core.importers import WEIGHT_FILES
 
 SAE_FOLDER = "sae"
 """ComfyUI model folder name (``models/sae``)."""
@@ -89,14 +88,15 @@ def _entries() -> list[str]:
 
 
 def _layout_label(entry: str) -> str | None:
-    """``folder/`` when ``entry`` is the weight file of a published layout folder, else None."""
+    """``folder/`` when ``entry`` is the weight file of a published layout folder (a ``cfg.json`` beside it),
+    else None. Opens no file: a damaged one must not break the list (loading it names the defect)."""
     folder, base = os.path.split(entry)
     if not folder or base not in WEIGHT_FILES:
         return None
     path = folder_paths.get_full_path(SAE_FOLDER, entry)
     try:
-        return folder + "/" if path is not None and layout_folder(Path(path)) is not None else None
-    except (FormatError, OSError):
+        return folder + "/" if path is not None and os.path.isfile(os.path.join(os.path.dirname(path), "cfg.json")) else None
+    except (OSError, ValueError):
         return None
 
 
@@ -163,15 +163,33 @@ def check_name(name: str, what: str) -> str:
 def new_sae_path(name: str) -> str:
     """Where a trained SAE called ``name`` is written: the default SAE folder (created if missing)."""
     name = check_name(name, "file name").removesuffix(SAE_SUFFIX)
+    if (name + SAE_SUFFIX).lower().endswith(FEATURES_SUFFIX):
+        raise ValueError(
+            f"file name {name!r}: names ending in '.features' are where feature sets live, and an SAE written there "
+            f"would replace one; pick a name without '.features', e.g. {name[: -len('.features')] or 'my'}_sae"
+        )
     folder = sae_folders()[0]
+    check_writable_name(os.path.join(folder, f"{name}.cancelled-99{SAE_SUFFIX}"))  # its longest form (free_path)
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name + SAE_SUFFIX)
+
+
+def free_path(path: str, tag: str) -> str:
+    """``path`` with ``.<tag>`` before its suffix (``.<tag>-2``, ``-3``, ... when taken): a name no file has."""
+    stem, suffix = path.removesuffix(SAE_SUFFIX), SAE_SUFFIX
+    candidate, number = f"{stem}.{tag}{suffix}", 1
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = f"{stem}.{tag}-{number}{suffix}"
+    return candidate
 
 
 def features_path(sae_path: str, name: str) -> str:
     """Where a feature set called ``name`` for the SAE at ``sae_path`` is written: beside that SAE."""
     name = check_name(name, "file name").removesuffix(FEATURES_SUFFIX).removesuffix(SAE_SUFFIX)
-    return os.path.join(os.path.dirname(os.path.abspath(sae_path)), name + FEATURES_SUFFIX)
+    path = os.path.join(os.path.dirname(os.path.abspath(sae_path)), name + FEATURES_SUFFIX)
+    check_writable_name(path)
+    return path
 
 
 def display_name(path: str) -> str:
@@ -192,6 +210,7 @@ __all__ = [
     "display_name",
     "feature_choices",
     "features_path",
+    "free_path",
     "missing_folder_message",
     "new_classifier_path",
     "new_sae_path",

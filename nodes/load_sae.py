@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_sae
+from ..diffbias_core.memory import format_bytes
 from . import files
 from .model_info import parse_hook
 from .wires import SaeType, SaeWire, describe_sae
+
+logger = logging.getLogger(__name__)
 
 
 class LoadSAE(io.ComfyNode):
@@ -90,8 +94,10 @@ class LoadSAE(io.ComfyNode):
     def execute(cls, sae_name: str, hook_override: str = "") -> io.NodeOutput:
         path = files.resolve(sae_name)
         override = parse_hook(hook_override).name if hook_override.strip() else None
+        size = format_bytes(os.path.getsize(path))
+        logger.info("loading SAE %s: %s in memory", sae_name, size)
         sae = load_sae(path, hook=override)
-        text = f"{sae_name}: {describe_sae(sae)}"
+        text = f"{sae_name}: {describe_sae(sae)}; {size} in memory"
         return io.NodeOutput(
             SaeWire(sae, path),
             sae.d_in,

@@ -51,8 +51,8 @@ _SINGLE_BLOCK_FAMILIES = frozenset({"flux", "chroma"})
 _DOUBLE_BLOCK_LISTS = ("double_blocks", "joint_blocks", "transformer_blocks", "blocks")
 _DIT_WIDTH_ATTRS = ("hidden_size", "inner_dim", "dim")
 _HOOK_RE = re.compile(
-    r"^(?:unet\.(?P<mid>middle)|unet\.(?P<unet>input|output)\.(?P<ui>\d+)"
-    r"|dit\.(?P<dit>double|single)\.(?P<di>\d+))$"
+    r"^(?:unet\.(?P<mid>middle)|unet\.(?P<unet>input|output)\.(?P<ui>[0-9]{1,3})"
+    r"|dit\.(?P<dit>double|single)\.(?P<di>[0-9]{1,3}))$"
 )
 
 
@@ -89,7 +89,7 @@ def parse_hook(text: str) -> HookPoint:
     if match is None:
         raise ValueError(
             f"hook point {text!r} is not one of 'unet.middle', 'unet.input.N', 'unet.output.N', "
-            "'dit.double.N', 'dit.single.N' (N a block number); for an imported SAE that records no hook point, "
+            "'dit.double.N', 'dit.single.N' (N a block number below 1000); for an imported SAE that records no hook point, "
             "type it into Load Bias SAE's 'hook_override' input"
         )
     if match["mid"]:

@@ -31,12 +31,17 @@ def prompt_lines(text: str, what: str, minimum: int = 1) -> list[str]:
 def class_prompts(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(class names, prompts) from one prompt per line, at least two.
 
-    ``name: prompt`` lines name their class; otherwise the name is what differs between the lines
-    ("a photo of a male person" / "a photo of a female person" -> "male" / "female").
+    ``name: prompt`` lines name their class when every line has a distinct plain name (letters, digits,
+    spaces, ``_``, ``-``; starting with a letter; not ``embedding``) followed by ``:`` and a space. Anything
+    else is a prompt as written, for CLIP Text Encode's syntax (``(male:1.2)``, ``style: x``,
+    ``embedding:name``) to reach the text encoder untouched, and the name is what differs between the lines
+    ("a photo of a (male:1.2) person" / "... (female:1.2) person" -> "male" / "female").
     """
     lines = prompt_lines(text, "class prompts", minimum=2)
     named = [_NAMED.match(line) for line in lines]
-    if all(named):
+    if all(named) and len({m["name"].strip().lower() for m in named}) == len(lines) and not any(
+        m["name"].strip().lower() == "embedding" for m in named
+    ):
         names, prompts = [m["name"].strip() for m in named], [m["prompt"].strip() for m in named]
     else:
         words = [line.split() for line in lines]
@@ -47,6 +52,8 @@ def class_prompts(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         while all(len(w) > head + tail for w in words) and len({w[-1 - tail] for w in words}) == 1:
             tail += 1
         names = [" ".join(w[head : len(w) - tail]) for w in words]
+        plain = [_WEIGHT.sub(r"\g<text>", name).strip("()[]{}\\ ") for name in names]  # (male:1.2) -> male
+        names = plain if all(plain) and len(set(plain)) == len(plain) else names
         prompts = lines
     names = [name.replace(",", " ").strip() for name in names]
     if len(set(names)) != len(names) or not all(names):
@@ -80,7 +87,8 @@ def decode(vae, latent: Tensor) -> Tensor:
     return images
 
 
-_NAMED = re.compile(r"^(?P<name>[^:]{1,40}):(?P<prompt>.+)$")
+_NAMED = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9 _-]{0,39}):\s+(?P<prompt>\S.*)$")
+_WEIGHT = re.compile(r"\((?P<text>[^():]*):\s*[-+]?[0-9]*\.?[0-9]+\s*\)")  # CLIP Text Encode's (text:weight)
 
 
 class RunSettings(NamedTuple):

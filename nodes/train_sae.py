@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import comfy.model_management
 import comfy.utils
@@ -170,11 +171,14 @@ class TrainSAE(io.ComfyNode):
             trainer = state.get("trainer")
             if trainer is not None and trainer.stats.step > 0:
                 trainer.request_stop()
-                trainer.save(path)
+                # never replace a file this run did not create (an older SAE, with its feature sets beside it)
+                target = files.free_path(path, "cancelled") if os.path.lexists(path) else path
+                trainer.save(target)
                 logger.warning(
-                    "diffbias: training cancelled after %d steps; saved the best weights to %s",
+                    "diffbias: training cancelled after %d steps; saved the best weights so far to %s%s",
                     trainer.stats.step,
-                    path,
+                    target,
+                    f" ({path} is unchanged)" if target != path else "",
                 )
             raise
         if "trainer" not in state:

@@ -1,0 +1,124 @@
+"""Reliability of the nodes in a real ComfyUI process: nothing lost, nothing silently wrong (issue 13).
+
+Each test reads one check of reliability_checks.py (a small random UNet, ComfyUI's own sampler and
+interrupt flag, a temporary SAE folder) and reads its JSON results.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import run_comfy_script
+
+
+@pytest.fixture(scope="module")
+def results(comfyui) -> dict:
+    """Every check of reliability_checks.py, run once in one ComfyUI process."""
+    output = run_comfy_script(comfyui, "reliability_checks.py")
+    line = next(line for line in output.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+def test_reliability_cancel_never_replaces_an_existing_sae(results):
+    """Case 1: cancelling Train Bias SAE keeps the SAE of that name and its feature sets; the partial
+    result goes to <name>.cancelled.safetensors."""
+    out = results["cancel_keeps_existing"]
+    assert out["interrupted"]
+    assert out["partial_written"], out["files"]
+    assert out["partial_steps"] > 0
+    assert out["existing_unchanged"]
+    assert out["features_still_match"]
+
+
+def test_reliability_late_failures_are_checked_before_sampling(results):
+    """Case 2: a Train file name whose temporary form is too long, and a kernel-2 SAE at an image size with a
+    1x1 bottleneck, fail before the first model call with a message saying what to change."""
+    out = results["late_failures_first"]
+    assert "exceeds the 255-byte limit" in out["long_name_error"], out["long_name_error"]
+    assert out["long_name_model_calls"] == 0
+    assert "2x2 kernel" in out["kernel_error"] and "128" in out["kernel_error"], out["kernel_error"]
+    assert out["kernel_model_calls"] == 0
+
+
+def test_reliability_train_never_writes_into_the_feature_namespace(results):
+    """Case 6: a Train file_name ending in '.features' is refused before sampling; the feature set survives."""
+    out = results["train_name_in_feature_namespace"]
+    for name in ("bias.features", "bias.features.safetensors", "bias.FEATURES"):
+        assert "names ending in '.features'" in out[name], out
+    assert out["model_calls"] == 0
+    assert out["unchanged"]
+
+
+def test_reliability_one_bad_file_never_breaks_the_sae_list(results):
+    """Case 12: a crafted layout folder (deeply nested JSON header) does not take Load Bias SAE out of
+    /object_info; it is listed, and loading it is a FormatError naming the file."""
+    out = results["listing_survives_bad_files"]
+    assert "schema_error" not in out, out["schema_error"]
+    assert "good.safetensors" in out["choices"] and "crafted/" in out["choices"], out["choices"]
+    assert out["load_error"].startswith("FormatError") and "crafted/sae.safetensors" in out["load_error"], out
+
+
+def test_reliability_hook_override_beyond_any_block_is_refused_at_load(results):
+    """Case 13: a hook_override with a 5000-digit or >= 1000 block number is a ValueError naming the hook
+    point when the SAE is loaded (not an integer-conversion error, not a late failure)."""
+    out = results["hook_override_bounds"]
+    for name in ("digits", "beyond"):
+        assert out[name].startswith("ValueError") and "hook point" in out[name], out[name][:300]
+    assert out["fine"] == ""
+
+
+def test_reliability_class_prompts_survive_clip_text_encode_syntax(results):
+    """Case 8: weights, 'style: x' prefixes, embeddings and escapes reach the text encoder exactly as written
+    (only a distinct plain 'name: ' on every line names the classes), and the class names are readable."""
+    out = results["prompt_syntax"]
+    expected_names = {
+        "weights": ["male", "female"],
+        "style_prefix": ["male", "female"],
+        "embedding": ["male", "female"],
+        "embedding_only": ["embedding:male", "embedding:female"],
+        "named_with_weights": ["male", "female"],
+        "weighted_shared_word": ["man", "woman"],
+        "escaped": ["male", "female"],
+    }
+    for case, names in expected_names.items():
+        assert out[case].get("names") == names, (case, out[case])
+    written = {
+        "weights": ["a photo of a (male:1.2) person", "a photo of a (female:1.2) person"],
+        "style_prefix": ["style: watercolor, a male person", "style: watercolor, a female person"],
+        "embedding": ["embedding:easynegative a male person", "embedding:easynegative a female person"],
+        "embedding_only": ["embedding:male", "embedding:female"],
+        "named_with_weights": ["a photo of a (man:1.1)", "a photo of a (woman:1.1)"],
+        "weighted_shared_word": [
+            "a (photo:0.9) of a man, (sharp:1.3)",
+            "a (photo:0.9) of a woman, (sharp:1.3)",
+        ],
+        "escaped": ["a photo of a \\(male\\) person", "a photo of a \\(female\\) person"],
+    }
+    for case, prompts in written.items():
+        assert out[case]["prompts"] == prompts, (case, out[case])
+
+
+def test_reliability_apply_refuses_top_k_above_the_features(results):
+    """Case 10: Apply Feature Intervention with top_k 5 on a class of 4 features says so."""
+    out = results["apply_top_k_above_features"]
+    assert "class 'female' has 4; lower top_k to 4" in out["above"], out["above"]
+    assert out["equal"] == ""
+
+
+def test_reliability_cancel_reaches_probe_fitting_and_integrated_gradients(results):
+    """Case 14: Cancel after sampling (during the probe fits) or after the probes (during integrated gradients)
+    stops Attribute Bias Features there; its progress bar moves through both phases."""
+    out = results["attribute_cancel_after_sampling"]
+    assert out["probes"] and out["ig"], out
+    assert out["ig_last_progress"] < out["ig_total"], out
+
+
+def test_reliability_attribute_states_and_checks_its_memory(results):
+    """Case 15: Attribute reports what its activations need (2 classes x 4 images x 3 steps x 128 floats =
+    12 KiB) and refuses at the first model call when that cannot fit."""
+    out = results["attribute_memory"]
+    assert "activations kept: 12.0 KiB" in out["text"], out
+    assert out["refused"].startswith("MemoryError") and "24.0 KiB" in out["refused"], out["refused"]
+    assert out["refused_model_calls"] == 1
