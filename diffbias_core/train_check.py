@@ -241,11 +241,53 @@ class HeldOut:
         return torch.cat(self.parts) if self.parts else torch.zeros(0, 0)
 
 
+class Reservoir:
+    """A uniform sample of at most ``capacity`` activations from a stream (Algorithm R, seeded).
+
+    add(activations (n, ...), sample ids (n,), steps (n,)); batch() the kept ones as an ActivationBatch.
+    Memory stays bounded however many images are sampled; every activation seen is equally likely kept.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity, self.seen = max(1, capacity), 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.acts: Tensor | None = None
+        self.sample = torch.zeros(0, dtype=torch.int64)
+        self.step = torch.zeros(0, dtype=torch.int64)
+
+    def add(self, activations: Tensor, sample: Tensor, step: Tensor) -> None:
+        activations, sample, step = activations.detach().cpu(), sample.cpu().long(), step.cpu().long()
+        room = self.capacity - (0 if self.acts is None else self.acts.shape[0])
+        take = min(room, activations.shape[0])
+        if take:
+            head = activations[:take].clone()
+            self.acts = head if self.acts is None else torch.cat([self.acts, head])
+            self.sample, self.step = torch.cat([self.sample, sample[:take]]), torch.cat([self.step, step[:take]])
+        rest = activations.shape[0] - take
+        if rest:  # activation number t (1-based) replaces a random slot with probability capacity / t
+            t = self.seen + take + torch.arange(1, rest + 1, dtype=torch.float64)
+            keep = torch.rand(rest, generator=self.generator, dtype=torch.float64) < self.capacity / t
+            slots = torch.randint(self.capacity, (rest,), generator=self.generator)[keep]
+            chosen = torch.nonzero(keep).flatten() + take
+            self.acts[slots] = activations[chosen].to(self.acts.dtype)
+            self.sample[slots], self.step[slots] = sample[chosen], step[chosen]
+        self.seen += activations.shape[0]
+
+    def batch(self):
+        """The kept activations as an :class:`~.activations.ActivationBatch` (None when empty)."""
+        from .activations import make_batch
+
+        if self.acts is None:
+            return None
+        return make_batch(self.acts, self.step, sample=self.sample)
+
+
 __all__ = [
     "DEAD_CEILING",
     "FVU_CEILING",
     "HeldOut",
     "Plateau",
+    "Reservoir",
     "TrainCheck",
     "auto_batch_size",
     "heldout_fvu",
