@@ -500,15 +500,18 @@ def rows_per_activation(row_shape: tuple[int, ...], kernel_size: int = 1) -> int
 def config_for_rows(num_latents: int, k: int, rows: int, **fields: Any) -> TrainConfig:
     """The automatic :class:`TrainConfig` for ``rows`` SAE rows per pass (``fields`` override it).
 
-    Automatic length (``epochs=None``); batch size from :func:`~.train_check.auto_batch_size`; warm-up a
-    tenth of ``min_steps`` (at most sparsify's 1000); a latent is dead when it has not fired for one pass
-    over the data (at most 1M rows), so that AuxK and the dead count work on small data too.
+    Automatic length (``epochs=None``); batch size from :func:`~.train_check.auto_batch_size`, at most the
+    training rows, and a shuffle buffer of at most one pass (so every pass takes steps); warm-up a tenth
+    of ``min_steps`` (at most sparsify's 1000); a latent is dead when it has not fired for one pass over
+    the data (at most 1M rows), so that AuxK and the dead count work on small data too.
     """
     base = TrainConfig(num_latents=num_latents, k=k)
     min_steps = fields.get("min_steps", base.min_steps)
-    batch = fields.pop("batch_size", None) or auto_batch_size(rows)
+    train_rows = max(1, int(rows * (1 - fields.get("holdout", base.holdout))))
+    batch = fields.pop("batch_size", None) or min(auto_batch_size(rows), train_rows)
     values = {"epochs": None, "batch_size": batch, "warmup_steps": min(1000, min_steps // 10),
-              "dead_after_rows": max(1, min(base.dead_after_rows, rows))}  # fmt: skip
+              "dead_after_rows": max(1, min(base.dead_after_rows, rows)),
+              "buffer_batches": max(1, min(base.buffer_batches, train_rows // batch))}  # fmt: skip
     values.update(fields)
     return TrainConfig(num_latents=num_latents, k=k, **values)
 

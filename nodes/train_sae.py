@@ -186,7 +186,8 @@ class TrainSAE(io.ComfyNode):
                            result.stats.step, path)  # fmt: skip
             comfy.model_management.throw_exception_if_processing_interrupted()
         sae = load_sae(path)
-        report = f"{files.display_name(path)}: {describe_sae(sae)}; {result.stats.rows} rows trained on\n"
+        report = (f"{files.display_name(path)}: {describe_sae(sae)}; {rows} activation rows recorded "
+                  f"({result.check.heldout_rows} held out)\n")  # fmt: skip
         report += result.check.summary()
         if result.check.verdict != "trained":
             logger.warning("diffbias: %s is %s: %s", files.display_name(path), result.check.verdict,
