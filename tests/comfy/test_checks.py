@@ -57,8 +57,8 @@ def test_train_report_is_a_string_output_with_fvu_dead_latents_and_verdict(serve
                 "images": 4,
                 "batch_size": 2,
                 "hook": "unet.middle",
-                "latents": 256,
-                "k": 8,
+                "latents": 16,
+                "k": 4,
                 "file_name": "checked_sae",
             },  # fmt: skip
         },
