@@ -35,6 +35,7 @@ from .activations import ActivationSource, to_sae_inputs
 from .sae import SparseAutoencoder
 from .sparse_grad import encoder_pre, gather_encode, row_plan, sparse_decode
 from .train_check import (
+    MIN_JUDGE_ROWS,
     HeldOut,
     Plateau,
     TrainCheck,
@@ -297,6 +298,13 @@ class SaeTrainer:
         if not self.interrupted:  # a stop request keeps the state a resumed run would continue from
             self._check_best()
         return self.stats
+
+    def end(self) -> None:
+        """End training now, as the data running out would (not an interruption); releases the other
+        processes of a distributed run at their next step."""
+        if not self.stopped and ddp.is_distributed():
+            ddp.all_agree(False, self.sae.device)
+        self.stopped = True
 
     def request_stop(self) -> None:
         """End training now; :meth:`feed` ignores rows afterwards. The best weights stay available."""
@@ -587,13 +595,8 @@ def train_sae(
 
     def converged() -> bool:  # the automatic length's stopping rule, once per evaluation
         plateau.add(trainer.run.step, _evaluate(trainer.sae, held))
-        one_pass = position["epoch"] >= 1
-        return (
-            config.epochs is None
-            and one_pass
-            and trainer.run.step >= config.min_steps
-            and plateau.converged()
-        )
+        ready = config.epochs is None and position["epoch"] >= 1 and trainer.run.step >= config.min_steps
+        return ready and (held.kept < MIN_JUDGE_ROWS or plateau.converged())
 
     try:
         while (config.epochs is None or position["epoch"] < config.epochs) and not trainer.stopped:
@@ -607,9 +610,11 @@ def train_sae(
                 if trainer.run.step >= next_eval and not trainer.stopped:
                     next_eval = trainer.run.step + every
                     if converged():
-                        trainer.stopped, stopped = True, "held-out FVU converged"
+                        trainer.end()
+                        stopped = "held-out FVU converged" if held.kept >= MIN_JUDGE_ROWS else "min_steps"
                     elif config.epochs is None and trainer.run.step >= cap:
-                        trainer.stopped, stopped = True, f"step cap {cap}"
+                        trainer.end()
+                        stopped = f"step cap {cap}"
                 if trainer.stopped:
                     break
                 if checkpoint is not None and config.checkpoint_every and trainer.run.step >= next_checkpoint:
@@ -633,7 +638,8 @@ def train_sae(
     check = judge(fvu=_evaluate(sae, held), heldout_rows=rows.shape[0],
                   fvu_on=held.fvu_on, steps=stats.step, min_steps=config.min_steps,
                   dead_fraction=stats.dead_fraction, improvement=plateau.improvement(),
-                  still_improving=plateau.improvement() is not None and not plateau.converged(),
+                  still_improving=held.kept >= MIN_JUDGE_ROWS and plateau.improvement() is not None
+                  and not plateau.converged(),
                   rows=held.train_rows * world if held.train_rows else stats.rows, num_latents=config.num_latents,
                   stopped=stopped)  # fmt: skip
     return TrainResult(sae, stats, interrupted, Path(out) if out else None,

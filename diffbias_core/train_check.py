@@ -10,7 +10,8 @@ Rules (the numbers are :class:`TrainConfig` fields or the constants below):
 * **Automatic length** (``TrainConfig.epochs = None``): passes over the data until at least one pass and
   ``min_steps`` optimizer steps are done, then until the held-out FVU, measured every ``min_steps // 10``
   steps, improved by less than ``plateau`` (relative) or ``FVU_RESOLUTION`` (absolute) over the last
-  ``min_steps // 2`` steps; at most
+  ``min_steps // 2`` steps (with fewer than ``MIN_JUDGE_ROWS`` held-out rows: right after
+  ``min_steps``); at most
   ``STEP_CAP_FACTOR`` times the longer of ``min_steps`` and one pass.
 * **Verdict** ``under-trained`` when any of: fewer than ``min_steps`` steps; held-out FVU above
   ``FVU_CEILING``; the held-out FVU still falling by ``plateau`` or more when training ended; fewer rows
@@ -25,16 +26,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import distributed as ddp
-
 FVU_CEILING = 0.5
 """Held-out FVU above this (less than half the variance reconstructed) marks the SAE under-trained."""
 DEAD_CEILING = 0.5
 """A dead-latent share above this is reported: more than half the dictionary is unused."""
 FVU_RESOLUTION = 1e-3
 """Held-out FVU changes smaller than this (0.1% of the variance) count as no improvement."""
-STEP_CAP_FACTOR = 10
-"""The automatic length stops at this many times max(min_steps, steps of one pass)."""
+STEP_CAP_FACTOR = 5
+"""The automatic length stops at this many times max(min_steps, steps of one pass) (runs that settle end
+within 1.5-2x min_steps on the planted problems)."""
+MIN_JUDGE_ROWS = 64
+"""With fewer held-out rows the held-out FVU is too noisy to judge convergence: the automatic length then
+stops at max(min_steps, one pass)."""
 HOLDOUT_ELEMENTS = 1 << 24
 """At most this many held-out values (rows x n_in) are kept (64 MB in float32)."""
 MIN_BATCH, MAX_BATCH, STEPS_PER_PASS = 256, 4096, 32
@@ -72,16 +75,16 @@ def fvu_sums(sae, rows: Tensor, chunk: int = 4096) -> Tensor:
 
 
 def heldout_fvu(sae, rows: Tensor) -> float:
-    """FVU of ``sae`` on rows (N, n_in) (all processes together): |x - x_hat|^2 / |x - mean(x)|^2.
+    """FVU of ``sae`` on rows (N, n_in): |x - x_hat|^2 / |x - mean(x)|^2 (this process's rows only).
 
     Raises ValueError for fewer than two rows or rows without variance, where FVU is not defined.
     """
-    sums = ddp.mean_(fvu_sums(sae, rows))  # means across processes: the ratios below are unchanged
+    sums = fvu_sums(sae, rows) if rows.numel() else torch.zeros(3, dtype=torch.float64)
     err, square, count, total = sums[0], sums[1], sums[2], sums[3:]
     variance = square - total.pow(2).sum() / count.clamp_min(1)  # sum |x - mean|^2
-    if float(count) * ddp.world()[1] < 2 or not float(variance) > 1e-12 * max(float(square), 1e-30):
+    if float(count) < 2 or not float(variance) > 1e-12 * max(float(square), 1e-30):
         raise ValueError(
-            f"FVU needs at least two different rows, got {int(count) * ddp.world()[1]} row(s) "
+            f"FVU needs at least two different rows, got {int(count)} row(s) "
             f"{'without variance' if float(count) >= 2 else ''}".rstrip()
         )
     return float(err / variance)
@@ -185,6 +188,9 @@ def judge(*, fvu: float, heldout_rows: int, fvu_on: str, steps: int, min_steps: 
                         "would do")  # fmt: skip
     if fvu_on != "held-out rows":
         warnings.append("FVU measured on the training rows (too few rows to hold any out): optimistic")
+    if heldout_rows < MIN_JUDGE_ROWS:
+        warnings.append(f"only {heldout_rows} held-out rows: too few to judge convergence or trust the FVU; "
+                        "capture more activations")  # fmt: skip
     verdict = "under-trained" if reasons else "trained"
     return TrainCheck(fvu, heldout_rows, fvu_on, steps, min_steps, dead_fraction, improvement, stopped,
                       verdict, tuple(reasons), tuple(warnings))  # fmt: skip
@@ -262,7 +268,10 @@ class Reservoir:
         if take:
             head = activations[:take].clone()
             self.acts = head if self.acts is None else torch.cat([self.acts, head])
-            self.sample, self.step = torch.cat([self.sample, sample[:take]]), torch.cat([self.step, step[:take]])
+            self.sample, self.step = (
+                torch.cat([self.sample, sample[:take]]),
+                torch.cat([self.step, step[:take]]),
+            )
         rest = activations.shape[0] - take
         if rest:  # activation number t (1-based) replaces a random slot with probability capacity / t
             t = self.seen + take + torch.arange(1, rest + 1, dtype=torch.float64)
@@ -285,6 +294,7 @@ class Reservoir:
 __all__ = [
     "DEAD_CEILING",
     "FVU_CEILING",
+    "MIN_JUDGE_ROWS",
     "HeldOut",
     "Plateau",
     "Reservoir",
