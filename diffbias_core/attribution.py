@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .activations import ActivationBatch, ActivationSource
 from .features import FeatureSet
-from .probes import StepProbes
+from .probes import StepProbes, check_chance
 from .progress import check_stop
 from .sae import SparseAutoencoder
 
@@ -265,6 +265,38 @@ def check_classes(source: ActivationSource) -> None:
         )
 
 
+def probe_facts(probes: StepProbes, hook: str) -> dict[str, str]:
+    """Provenance entries of the probes' held-out accuracy; ValueError when every probe is at chance.
+
+    ``probe_accuracy``: ``step:accuracy`` per step; ``probe_heldout``: ``step:count``; ``probe_check``:
+    the test's outcome in words (see :func:`~.probes.check_chance`).
+    """
+    check = check_chance(probes)
+    steps = probes.steps.tolist()
+    accuracy = probes.accuracy.tolist()
+    counts = probes.heldout.tolist() if probes.heldout is not None else [0] * len(steps)
+    if check.at_chance:
+        needed = min(t for t in check.threshold.tolist())
+        raise ValueError(
+            f"the class prompts do not separate the classes {list(probes.classes)} at hook {hook!r}: the "
+            f"probes' held-out accuracy is at chance at every step (best {max(accuracy):.2f}, chance "
+            f"{check.chance:.2f}; beating chance at p < {check.alpha} needs {needed:.2f} or more on "
+            f"{max(counts)} held-out activations). Use class prompts that differ in the attribute, more "
+            "samples, or another hook; no features were ranked"
+        )
+    above = int(check.above.sum())
+    if check.decidable:
+        outcome = f"{above} of {len(steps)} steps above chance (p < {check.alpha})"
+    else:
+        outcome = (f"undecided: too few held-out activations ({min(counts)}) to tell the probes from chance "
+                   f"at p < {check.alpha}; use more samples")  # fmt: skip
+    return {
+        "probe_accuracy": ",".join(f"{s}:{a:.4f}" for s, a in zip(steps, accuracy, strict=True)),
+        "probe_heldout": ",".join(f"{s}:{n}" for s, n in zip(steps, counts, strict=True)),
+        "probe_check": outcome,
+    }
+
+
 def attribute(sae: SparseAutoencoder, source: ActivationSource, config: AttributionConfig = AttributionConfig(),
               probes: StepProbes | None = None, *,
               progress: Callable[[int, int], None] | None = None,
@@ -283,6 +315,8 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
     check_classes(source)
     facts = {"method": config.method, "steps": ",".join(map(str, source.steps())),
              "activations": str(source.num_rows)}  # fmt: skip
+    if probes is not None:
+        facts.update(probe_facts(probes, source.hook))
     if config.method == "ig":
         if probes is None:
             raise ValueError("the 'ig' method needs per-step probes (fit_probes); 'mean-diff' does not")
@@ -312,6 +346,7 @@ __all__ = [
     "IGResult",
     "attribute",
     "check_classes",
+    "probe_facts",
     "ig_scores",
     "integrated_gradients",
     "mean_diff_scores",

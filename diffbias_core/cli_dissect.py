@@ -17,11 +17,12 @@ from pathlib import Path
 from . import distributed as ddp
 from .activations import ShardSet
 from .attribution import AttributionConfig, attribute
-from .features import save_features
+from .features import feature_warnings, save_features
 from .formats import FormatError, check_writable_name, load_sae
 from .probes import ProbeConfig, fit_probes
 from .progress import Progress
-from .train import TrainConfig, rows_per_activation, train_sae
+from .train import config_for_rows, rows_per_activation, train_sae
+from .train_check import steps_per_pass
 from .train_state import state_path
 
 CHECKPOINT_EVERY = 1000
@@ -37,11 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--k", type=int, required=True, help="active latents per row")
     train.add_argument("--out", type=Path, required=True, help="SAE file to write (the best weights)")
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="stop after this many optimizer steps")
-    length.add_argument("--epochs", type=int, default=1, help="passes over the shards (default 1)")
-    train.add_argument("--batch-size", type=int, default=4096, help="rows per optimizer step (default 4096)")
+    length.add_argument("--steps", type=int, help="exactly this many optimizer steps (default: automatic)")
+    length.add_argument("--epochs", type=int, help="this many passes over the shards (default: automatic)")
+    train.add_argument("--min-steps", type=int, default=2000,
+                       help="automatic length: at least this many steps, then until the held-out FVU stops "
+                       "improving (default 2000); fewer steps are reported under-trained")  # fmt: skip
+    train.add_argument("--holdout", type=float, default=0.1,
+                       help="share of sample ids held out to measure FVU (default 0.1)")  # fmt: skip
+    train.add_argument("--batch-size", type=int,
+                       help="rows per optimizer step (default: rows per pass / 32, within 256..4096)")  # fmt: skip
     train.add_argument("--lr", type=float, help="learning rate (default 2e-4 / sqrt(latents / 2^14))")
-    train.add_argument("--warmup-steps", type=int, default=1000, help="learning-rate warm-up steps")
+    train.add_argument("--warmup-steps", type=int,
+                       help="learning-rate warm-up steps (default min(1000, min-steps / 10))")  # fmt: skip
     train.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK loss weight (0 disables it)")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
     train.add_argument(
@@ -85,22 +93,36 @@ def _fail(message: str) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Train a TopK sparse autoencoder on the activations of one hook point."""
+    """Train a TopK sparse autoencoder on the activations of one hook point.
+
+    By default the length is automatic: passes over the shards until at least --min-steps optimizer
+    steps, then until the FVU on held-out rows stops improving. The report ends with a verdict.
+    """
     try:
         shards = ShardSet(args.shards)
-        config = TrainConfig(num_latents=args.latents, k=args.k, batch_size=args.batch_size, lr=args.lr,
-                             warmup_steps=args.warmup_steps, max_steps=args.steps, epochs=1 if args.steps else args.epochs,
-                             auxk_alpha=args.auxk_alpha, seed=args.seed, checkpoint_every=args.checkpoint_every)  # fmt: skip
+        ddp.init_from_env()
+        rank, world = ddp.world()
+        rows = shards.num_rows * rows_per_activation(shards.row_shape, args.kernel_size)  # SAE rows per pass
+        fields = {"lr": args.lr, "auxk_alpha": args.auxk_alpha, "seed": args.seed, "holdout": args.holdout,
+                  "checkpoint_every": args.checkpoint_every, "min_steps": args.min_steps,
+                  "batch_size": args.batch_size}  # fmt: skip
+        if args.warmup_steps is not None:
+            fields["warmup_steps"] = args.warmup_steps
+        if args.epochs:
+            fields["epochs"] = args.epochs
+        config = config_for_rows(args.latents, args.k, rows, **fields)
+        if args.steps:  # enough passes over the training rows to reach the step count
+            train_rows = max(1.0, rows * (1 - args.holdout))
+            passes = math.ceil(args.steps * config.batch_size * world / train_rows) + 1
+            config = dataclasses.replace(config, epochs=passes, max_steps=args.steps)
     except (ValueError, OSError) as error:
         return _fail(str(error))
-    ddp.init_from_env()
-    rank, world = ddp.world()
-    rows = shards.num_rows * rows_per_activation(shards.row_shape, args.kernel_size)  # SAE rows per pass
-    if args.steps:  # enough passes to reach the step count
-        config = dataclasses.replace(
-            config, epochs=max(1, math.ceil(args.steps * args.batch_size * world / max(rows, 1)))
-        )
-    total = args.steps or max(1, math.ceil(rows * config.epochs / (args.batch_size * world)))
+    if config.max_steps:
+        total = config.max_steps
+    elif config.epochs:
+        total = config.epochs * steps_per_pass(rows * (1 - config.holdout), config.batch_size, world)
+    else:
+        total = config.min_steps
     checkpoint = args.checkpoint or args.out.with_name(
         f"{args.out.stem}.ckpt{args.out.suffix or '.safetensors'}"
     )
@@ -111,6 +133,8 @@ def train_command(args: argparse.Namespace) -> int:
 
         def progress(stats) -> None:
             bar.desc = f"train fvu {stats.fvu:.4f}"
+            if stats.step >= bar.total:  # the automatic length ran past its estimate: extend it
+                bar.total = stats.step + max(1, config.min_steps // 2)
             bar.update(stats.step - bar.done)
 
         try:
@@ -127,9 +151,13 @@ def train_command(args: argparse.Namespace) -> int:
         s = result.stats
         print(
             f"trained {s.step} steps on {s.rows} rows ({s.skipped} non-finite rows skipped) in {world} "
-            f"process(es): FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%"
+            f"process(es): running training FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%"
         )
+        print(result.check.summary())
         print(f"wrote {args.out} (checkpoint {checkpoint}, state {state_path(checkpoint).name})")
+        if result.check.verdict != "trained":
+            print(f"warning: the SAE is {result.check.verdict}: {'; '.join(result.check.reasons)}",
+                  file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -172,6 +200,10 @@ def attribute_command(args: argparse.Namespace) -> int:
         return _fail(str(error))
     for name, ids in zip(features.classes, features.ids, strict=True):
         print(f"{name}: {', '.join(map(str, ids[:10].tolist()))}{' ...' if len(ids) > 10 else ''}")
+    if "probe_check" in features.provenance:
+        print(f"probes: {features.provenance['probe_check']}")
+    for text in feature_warnings(features):
+        print(f"warning: {text}", file=sys.stderr)
     print(f"wrote {args.out} ({features.method}, {len(features.ids[0])} features per class)")
     return 0
 

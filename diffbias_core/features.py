@@ -129,6 +129,48 @@ def check_top_k(features: FeatureSet, top_k: int) -> None:
         )
 
 
+def probe_accuracy(features: FeatureSet) -> list[tuple[int, float]]:
+    """(step, held-out probe accuracy) per step, from the provenance (empty for files without it)."""
+    text = features.provenance.get("probe_accuracy", "")
+    pairs = []
+    for item in filter(None, text.split(",")):
+        step, _, value = item.partition(":")
+        try:
+            pairs.append((int(step), float(value)))
+        except ValueError:
+            return []  # not written by this code: nothing to show
+    return pairs
+
+
+def feature_warnings(features: FeatureSet, top_k: int | None = None) -> list[str]:
+    """What is wrong with the ``top_k`` best features of every class (all when None), in words.
+
+    A top feature with a score of zero or below does not raise its class (the random control carries no
+    scores and is not checked for them); a feature listed under several classes cannot tell them apart.
+    The probe test's outcome is added when it was undecided.
+    """
+    warnings = []
+    top = [ids[:top_k] for ids in features.ids]
+    if features.method != "random":
+        for name, scores in zip(features.classes, features.scores, strict=True):
+            flat = int((scores[:top_k] <= 0).sum())
+            if flat:
+                warnings.append(f"class {name!r}: {flat} of its top {scores[:top_k].numel()} features have a "
+                                "score of zero or less (they do not carry the class)")  # fmt: skip
+    owners: dict[int, list[str]] = {}
+    for name, ids in zip(features.classes, top, strict=True):
+        for feature in ids.tolist():
+            owners.setdefault(feature, []).append(name)
+    shared = {f: names for f, names in owners.items() if len(names) > 1}
+    if shared:
+        listed = ", ".join(f"#{f} ({'/'.join(names)})" for f, names in sorted(shared.items())[:10])
+        warnings.append(f"{len(shared)} feature(s) listed under several classes: {listed}")
+    check = features.provenance.get("probe_check", "")
+    if check.startswith("undecided"):
+        warnings.append(f"probe test {check}")
+    return warnings
+
+
 def _check_class_tensors(name: str, ids: Tensor, scores: Tensor) -> None:
     where = f"FeatureSet class {name!r}"
     if not isinstance(ids, Tensor) or not isinstance(scores, Tensor):
@@ -215,4 +257,5 @@ def load_features(path: str | PathLike[str]) -> FeatureSet:
         raise FormatError(f"{path}: {error}") from None
 
 
-__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "check_top_k", "load_features", "save_features"]
+__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "FeatureSet", "check_top_k", "feature_warnings",
+           "load_features", "probe_accuracy", "save_features"]  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,16 @@ class StepProbes:
 
     steps: (S,) int64 sorted step indices. weight: (S, classes, features). bias: (S, classes).
     accuracy: (S,) held-out accuracy per step (NaN without a held-out split). train_accuracy: (S,).
-    row_shape: shape of one activation, (d_in,) or (C, H, W); features = its product.
+    heldout: (S,) int64 held-out activations per step (None: unknown). row_shape: shape of one activation,
+    (d_in,) or (C, H, W); features = its product.
     """
 
     def __init__(self, steps: Tensor, weight: Tensor, bias: Tensor, *, classes: Sequence[str], hook: str,
-                 row_shape: tuple[int, ...], accuracy: Tensor, train_accuracy: Tensor) -> None:  # fmt: skip
+                 row_shape: tuple[int, ...], accuracy: Tensor, train_accuracy: Tensor,
+                 heldout: Tensor | None = None) -> None:  # fmt: skip
         self.steps, self.weight, self.bias = steps, weight, bias
         self.classes, self.hook, self.row_shape = tuple(classes), hook, tuple(row_shape)
-        self.accuracy, self.train_accuracy = accuracy, train_accuracy
+        self.accuracy, self.train_accuracy, self.heldout = accuracy, train_accuracy, heldout
 
     @property
     def features(self) -> int:
@@ -192,7 +194,7 @@ def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], conf
     predicted = (x @ weight.T + bias).argmax(1)
     correct = predicted == y
     accuracy = correct[test].float().mean() if bool(test.any()) else torch.tensor(float("nan"))
-    return weight, bias, accuracy, correct[~test].float().mean()
+    return weight, bias, accuracy, correct[~test].float().mean(), test.sum()
 
 
 def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
@@ -215,10 +217,73 @@ def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
         if progress is not None:
             progress(i + 1, len(steps))
     with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)
-        weight, bias, accuracy, train_accuracy = (torch.stack(parts) for parts in zip(*results, strict=True))
+        weight, bias, accuracy, train_accuracy, heldout = (
+            torch.stack(parts) for parts in zip(*results, strict=True)
+        )
     return StepProbes(torch.tensor(steps, dtype=torch.int64), weight, bias, classes=source.classes,
                       hook=source.hook, row_shape=source.row_shape, accuracy=accuracy,
-                      train_accuracy=train_accuracy)  # fmt: skip
+                      train_accuracy=train_accuracy, heldout=heldout)  # fmt: skip
 
 
-__all__ = ["ProbeConfig", "StepProbes", "fit_logistic", "fit_probes", "holdout_samples"]
+CHANCE_ALPHA = 0.01
+"""Significance of the test that a step's probe beats chance (Bonferroni-split over the steps)."""
+
+
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p), summed exactly in log space."""
+    if successes <= 0:
+        return 1.0
+    if successes > trials:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(trials + 1) - math.lgamma(i + 1) - math.lgamma(trials - i + 1) + i * log_p
+             + (trials - i) * log_q for i in range(successes, trials + 1)]  # fmt: skip
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def chance_threshold(trials: int, classes: int, alpha: float) -> int | None:
+    """Fewest correct of ``trials`` held-out predictions that guessing (p = 1 / classes) reaches with
+    probability <= alpha; None when even all correct is not that unlikely (too few held-out activations)."""
+    for correct in range(trials + 1):
+        if binomial_tail(correct, trials, 1.0 / classes) <= alpha:
+            return correct
+    return None
+
+
+class ChanceCheck(NamedTuple):
+    """Which probes beat chance (one-sided binomial test per step at ``alpha / steps``).
+
+    above: (S,) bool, the step's held-out accuracy is above chance. threshold: (S,) accuracy a step
+    needed (NaN: too few held-out activations to tell). decidable: every step had enough held-out
+    activations. chance: 1 / classes. alpha: the overall significance.
+    """
+
+    above: Tensor
+    threshold: Tensor
+    decidable: bool
+    chance: float
+    alpha: float
+
+    @property
+    def at_chance(self) -> bool:
+        """True when the test could decide and no step's probe beat chance."""
+        return self.decidable and not bool(self.above.any())
+
+
+def check_chance(probes: StepProbes, alpha: float = CHANCE_ALPHA) -> ChanceCheck:
+    """Test every step's held-out accuracy against guessing; see :class:`ChanceCheck`."""
+    steps = len(probes.steps)
+    counts = probes.heldout if probes.heldout is not None else torch.zeros(steps, dtype=torch.int64)
+    above, threshold = [], []
+    for accuracy, n in zip(probes.accuracy.tolist(), counts.tolist(), strict=True):
+        need = chance_threshold(int(n), len(probes.classes), alpha / max(1, steps)) if n else None
+        threshold.append(float("nan") if need is None else need / n)
+        above.append(need is not None and round(accuracy * n) >= need)
+    decidable = all(t == t for t in threshold)
+    return ChanceCheck(torch.tensor(above), torch.tensor(threshold), decidable, 1.0 / len(probes.classes),
+                       alpha)  # fmt: skip
+
+
+__all__ = ["CHANCE_ALPHA", "ChanceCheck", "ProbeConfig", "StepProbes", "binomial_tail", "chance_threshold",
+           "check_chance", "fit_logistic", "fit_probes", "holdout_samples"]  # fmt: skip

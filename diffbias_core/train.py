@@ -36,8 +36,22 @@ from . import distributed as ddp
 from .activations import ActivationSource, to_sae_inputs
 from .sae import SparseAutoencoder
 from .sparse_grad import encoder_pre, gather_encode, row_plan, sparse_decode
+from .train_check import (
+    MIN_JUDGE_ROWS,
+    HeldOut,
+    Plateau,
+    TrainCheck,
+    auto_batch_size,
+    heldout_fvu,
+    judge,
+    step_cap,
+    steps_per_pass,
+)
 
 logger = logging.getLogger(__name__)
+_VARIANCE_ROWS = 16
+"""A batch with fewer rows measures FVU against the data's running per-row variance, not its own (one row
+has none: its FVU would be |error|^2 / 0)."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +72,17 @@ class TrainConfig:
     """After warm-up: constant, or linear decay to zero at ``max_steps`` (which it then needs)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps; None: when the data ends."""
-    epochs: int = 1
-    """Passes over a finite source in :func:`train_sae` (>= 1)."""
+    epochs: int | None = 1
+    """Passes over a finite source in :func:`train_sae` (>= 1); None: automatic, see :mod:`.train_check`
+    (at least one pass and ``min_steps`` steps, then until the held-out FVU stops improving)."""
+    min_steps: int = 2000
+    """Optimizer steps a trained SAE needs: the automatic length takes at least this many, and a run with
+    fewer is reported under-trained (>= 1)."""
+    plateau: float = 0.02
+    """The automatic length stops once the held-out FVU fell by less than this fraction over the last
+    ``min_steps // 2`` steps (> 0)."""
+    holdout: float = 0.1
+    """Share of the sample ids :func:`train_sae` keeps out of training to measure FVU, in [0, 0.5]."""
     buffer_batches: int = 8
     """Shuffle-buffer size in batches (>= 1): memory is buffer_batches * batch_size rows."""
     auxk_alpha: float = 1 / 32
@@ -77,8 +100,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = {"num_latents": self.num_latents, "k": self.k, "batch_size": self.batch_size,
-                    "epochs": self.epochs, "buffer_batches": self.buffer_batches, "ema_span": self.ema_span,
-                    "dead_after_rows": self.dead_after_rows}  # fmt: skip
+                    "epochs": 1 if self.epochs is None else self.epochs, "buffer_batches": self.buffer_batches,
+                    "ema_span": self.ema_span, "dead_after_rows": self.dead_after_rows,
+                    "min_steps": self.min_steps}  # fmt: skip
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
@@ -93,6 +117,10 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.max_steps must be a positive integer or None, got {self.max_steps!r}"
             )
+        if not (0 < self.plateau < 1):
+            raise ValueError(f"TrainConfig.plateau must be in (0, 1), got {self.plateau!r}")
+        if not (0 <= self.holdout <= 0.5):
+            raise ValueError(f"TrainConfig.holdout must be in [0, 0.5], got {self.holdout!r}")
         if not self.auxk_alpha >= 0:
             raise ValueError(f"TrainConfig.auxk_alpha must be >= 0, got {self.auxk_alpha!r}")
         if self.lr_schedule not in ("constant", "linear"):
@@ -174,6 +202,7 @@ class _Running:
     auxk: float = 0.0
     lr: float = 0.0
     best_fvu: float = float("inf")
+    variance: float = float("nan")
     initialized: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -272,6 +301,13 @@ class SaeTrainer:
             self._check_best()
         return self.stats
 
+    def end(self) -> None:
+        """End training now, as the data running out would (not an interruption); releases the other
+        processes of a distributed run at their next step."""
+        if not self.stopped and ddp.is_distributed():
+            ddp.all_agree(False, self.sae.device)
+        self.stopped = True
+
     def request_stop(self) -> None:
         """End training now; :meth:`feed` ignores rows afterwards. The best weights stay available."""
         if not self.stopped and ddp.is_distributed():
@@ -333,7 +369,7 @@ class SaeTrainer:
         (fvu + cfg.auxk_alpha * auxk).backward()
         fired = torch.bincount(top_idx[top_val > 0], minlength=cfg.num_latents)  # (L,)
         l0 = (top_val > 0).sum(1).float().mean()
-        summary = torch.stack([fvu.detach(), auxk.detach(), l0])
+        summary = torch.stack([fvu.detach(), auxk.detach(), l0, self._batch_variance])
         if self.world > 1:  # one all_reduce for gradients, statistics and firing counts
             flat = torch.cat([p.grad.reshape(-1) for p in self.params] + [summary, fired.float()])
             ddp.mean_(flat)
@@ -341,7 +377,7 @@ class SaeTrainer:
             for p in self.params:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
-            summary, fired = flat[offset : offset + 3], flat[offset + 3 :]
+            summary, fired = flat[offset : offset + 4], flat[offset + 4 :]
         with torch.no_grad():
             remove_parallel_component_(sae.w_dec_flat, self.sae.W_dec.grad.view(cfg.num_latents, -1))
             self.optimizer.step()
@@ -349,8 +385,10 @@ class SaeTrainer:
             normalize_rows_(sae.W_dec.data.view(cfg.num_latents, -1))
             self.rows_since_fired += x.shape[0] * self.world
             self.rows_since_fired[fired > 0] = 0
-        fvu_value, auxk_value, l0_value = summary.tolist()
+        fvu_value, auxk_value, l0_value, variance = summary.tolist()
         run = self.run
+        if x.shape[0] >= _VARIANCE_ROWS:  # per-row variance of the data, for FVU of small batches
+            run.variance = variance if not run.variance > 0 else 0.9 * run.variance + 0.1 * variance
         alpha = 2.0 / (cfg.ema_span + 1)
         run.fvu = fvu_value if run.step == 0 else run.fvu + alpha * (fvu_value - run.fvu)
         run.step += 1
@@ -376,8 +414,11 @@ class SaeTrainer:
         plan = row_plan(top_idx, cfg.num_latents)  # one sort serves the encoder and decoder gradients
         top_val = gather_encode(sae_in, w_enc, sae.b_enc, top_idx, pre, plan)  # (B, k)
         error = x - (sparse_decode(top_idx, top_val, w_dec, plan) + sae.b_dec_flat)  # (B, n_in)
-        total = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-        fvu = error.pow(2).sum() / total
+        total = (x - x.mean(0)).pow(2).sum()
+        self._batch_variance = total.detach() / x.shape[0]
+        if x.shape[0] < _VARIANCE_ROWS and self.run.variance > 0:  # a small last batch: the data's variance
+            total = total.new_tensor(self.run.variance * x.shape[0])
+        fvu = error.pow(2).sum() / total.clamp_min(torch.finfo(x.dtype).tiny)
         auxk = fvu.new_zeros(())
         dead = self.rows_since_fired > cfg.dead_after_rows  # (L,)
         num_dead = int(dead.sum()) if cfg.auxk_alpha > 0 else 0
@@ -450,6 +491,7 @@ class TrainResult(NamedTuple):
 
     sae: the SAE with the lowest running FVU (also written to ``out``). stats: the final :class:`TrainStats`.
     interrupted: True when a stop request or Ctrl-C ended training early. out, checkpoint: files written.
+    check: held-out FVU, dead latents and the verdict (:class:`~.train_check.TrainCheck`).
     """
 
     sae: SparseAutoencoder
@@ -457,11 +499,31 @@ class TrainResult(NamedTuple):
     interrupted: bool
     out: Path | None
     checkpoint: Path | None
+    check: TrainCheck | None = None
 
 
 def rows_per_activation(row_shape: tuple[int, ...], kernel_size: int = 1) -> int:
     """SAE rows one activation gives: H*W for a (C, H, W) map and kernel 1, else 1."""
     return row_shape[1] * row_shape[2] if len(row_shape) == 3 and kernel_size == 1 else 1
+
+
+def config_for_rows(num_latents: int, k: int, rows: int, **fields: Any) -> TrainConfig:
+    """The automatic :class:`TrainConfig` for ``rows`` SAE rows per pass (``fields`` override it).
+
+    Automatic length (``epochs=None``); batch size from :func:`~.train_check.auto_batch_size`, at most the
+    training rows, and a shuffle buffer of at most one pass (so every pass takes steps); warm-up a tenth
+    of ``min_steps`` (at most sparsify's 1000); a latent is dead when it has not fired for one pass over
+    the data (at most 1M rows), so that AuxK and the dead count work on small data too.
+    """
+    base = TrainConfig(num_latents=num_latents, k=k)
+    min_steps = fields.get("min_steps", base.min_steps)
+    train_rows = max(1, int(rows * (1 - fields.get("holdout", base.holdout))))
+    batch = fields.pop("batch_size", None) or min(auto_batch_size(rows), train_rows)
+    values = {"epochs": None, "batch_size": batch, "warmup_steps": min(1000, min_steps // 10),
+              "dead_after_rows": max(1, min(base.dead_after_rows, rows)),
+              "buffer_batches": max(1, min(base.buffer_batches, train_rows // batch))}  # fmt: skip
+    values.update(fields)
+    return TrainConfig(num_latents=num_latents, k=k, **values)
 
 
 def train_sae(
@@ -475,18 +537,22 @@ def train_sae(
     progress: Callable[[TrainStats], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train an SAE on every activation of ``source`` for ``config.epochs`` passes.
+    """Train an SAE on the activations of ``source`` for ``config.epochs`` passes (None: automatic).
 
-    out: where the best SAE is written at the end (native format). checkpoint: a resumable checkpoint
-    written about every ``config.checkpoint_every`` steps and at the end; with ``resume`` an existing one
-    is continued from the data position it records. sae_options: ``kernel_size``, ``model_family``,
-    ``device`` for :class:`SaeTrainer`. stop: polled after every chunk; True ends training early (the
-    files are still written). Ctrl-C (in the main thread, with Python's default handler) also stops after
-    the current chunk, writes the files, then raises KeyboardInterrupt: a resume then continues exactly
-    where the run stopped. A second Ctrl-C stops at once and writes only ``out``; the checkpoint stays the
-    last whole one. With torch.distributed initialized, each process trains on every world-size-th chunk.
+    ``config.holdout`` of the sample ids are held out to measure FVU (:mod:`.train_check`); the result's
+    ``check`` has the figures and the verdict. out: where the best SAE is written at the end (native
+    format). checkpoint: a resumable checkpoint written about every ``config.checkpoint_every`` steps and
+    at the end; with ``resume`` an existing one is continued from the data position it records.
+    sae_options: ``kernel_size``, ``model_family``, ``device`` for :class:`SaeTrainer`. stop: polled after
+    every chunk; True ends training early (the files are still written). Ctrl-C (in the main thread, with
+    Python's default handler) also stops after the current chunk, writes the files, then raises
+    KeyboardInterrupt: a resume then continues exactly where the run stopped. A second Ctrl-C stops at once
+    and writes only ``out``; the checkpoint stays the last whole one. With torch.distributed initialized,
+    each process trains on every world-size-th chunk. Raises ValueError for fewer than two activation rows
+    (FVU is undefined).
     """
     from .formats import check_writable_name
+    from .probes import holdout_samples
     from .train_state import load_checkpoint, save_checkpoint, state_path
 
     for target in [out] if checkpoint is None else [out, checkpoint, state_path(checkpoint)]:
@@ -495,6 +561,12 @@ def train_sae(
     options = dict(sae_options or {})
     kernel_size = int(options.get("kernel_size", 1))
     rank, world = ddp.world()
+    per_activation = rows_per_activation(source.row_shape, kernel_size)
+    if source.num_rows * per_activation < 2:
+        raise ValueError(
+            f"training an SAE needs at least 2 activation rows (FVU compares the error to the rows' variance), "
+            f"got {source.num_rows * per_activation}; capture more activations"
+        )
     if resume and checkpoint is not None and state_path(checkpoint).exists():  # the state alone resumes
         trainer = load_checkpoint(checkpoint, config, device=options.get("device"), progress=progress)
         if trainer.sae.hook != source.hook or trainer.sae.d_in != source.row_shape[0]:
@@ -507,13 +579,22 @@ def train_sae(
         trainer = SaeTrainer(config, source.row_shape[0], kernel_size=kernel_size, hook=source.hook,
                              model_family=options.get("model_family", "unknown"), device=options.get("device"),
                              progress=progress)  # fmt: skip
-    read = max(1, config.batch_size // rows_per_activation(source.row_shape, kernel_size))
+    read = max(1, config.batch_size // per_activation)
     position = {
         "epoch": int(trainer.run.extra.get("epoch", 0)),
         "chunk": int(trainer.run.extra.get("chunk", 0)),
     }
-    next_checkpoint = trainer.run.step + config.checkpoint_every
-    interrupted = False
+    held = HeldOut(holdout_samples(source.column("sample"), config.holdout, config.seed), trainer.sae.n_in,
+                   lambda acts: to_sae_inputs(acts, kernel_size) if acts.ndim == 4 else acts, per_activation)  # fmt: skip
+    plateau = Plateau(config.min_steps // 2, config.plateau)
+    every = max(1, config.min_steps // 10)
+    per_pass = steps_per_pass(
+        source.num_rows * per_activation * (1 - config.holdout), config.batch_size, world
+    )
+    cap = step_cap(config.min_steps, per_pass)
+    next_checkpoint, next_eval = trainer.run.step + config.checkpoint_every, trainer.run.step + every
+    interrupted, stopped = False, "end of the data"
+    first_epoch = position["epoch"]
     pending: list[int] = []  # a Ctrl-C waiting for the end of the chunk
 
     def on_sigint(signum, frame) -> None:
@@ -533,15 +614,28 @@ def train_sae(
         if out is not None:
             trainer.save(out)
 
+    def converged() -> bool:  # the automatic length's stopping rule, once per evaluation
+        plateau.add(trainer.run.step, _evaluate(trainer.sae, held))
+        ready = config.epochs is None and position["epoch"] >= 1 and trainer.run.step >= config.min_steps
+        return ready and (held.kept < MIN_JUDGE_ROWS or plateau.converged())
+
     try:
-        while position["epoch"] < config.epochs and not trainer.stopped:
+        while (config.epochs is None or position["epoch"] < config.epochs) and not trainer.stopped:
             start = position["chunk"]
             for i, batch in enumerate(source.iter_batches(read, start=start + rank, every=world)):
-                trainer.feed(batch.activations)
+                trainer.feed(held.split(batch.activations, batch.sample, position["epoch"] == first_epoch))
                 position["chunk"] = start + (i + 1) * world
                 if pending or (stop is not None and stop()):
                     trainer.request_stop()
-                    interrupted = True
+                    interrupted, stopped = True, "stopped"
+                if trainer.run.step >= next_eval and not trainer.stopped:
+                    next_eval = trainer.run.step + every
+                    if converged():
+                        trainer.end()
+                        stopped = "held-out FVU converged" if held.kept >= MIN_JUDGE_ROWS else "min_steps"
+                    elif config.epochs is None and trainer.run.step >= cap:
+                        trainer.end()
+                        stopped = f"step cap {cap}"
                 if trainer.stopped:
                     break
                 if checkpoint is not None and config.checkpoint_every and trainer.run.step >= next_checkpoint:
@@ -549,6 +643,10 @@ def train_sae(
                     next_checkpoint = trainer.run.step + config.checkpoint_every
             else:
                 position = {"epoch": position["epoch"] + 1, "chunk": 0}
+        if config.max_steps is not None and trainer.run.step >= config.max_steps:
+            stopped = f"max_steps {config.max_steps}"
+        if not plateau.history or plateau.history[-1][0] != trainer.run.step:  # the figures at the end
+            plateau.add(trainer.run.step, _evaluate(trainer.sae, held))
         trainer.finish()
     except KeyboardInterrupt:
         trainer.stopped = True  # no further collective calls
@@ -564,8 +662,26 @@ def train_sae(
     write()
     if pending:
         raise KeyboardInterrupt
-    return TrainResult(trainer.best_sae(), trainer.stats, interrupted, Path(out) if out else None,
-                       Path(checkpoint) if checkpoint else None)  # fmt: skip
+    sae = trainer.best_sae()
+    rows = held.rows()
+    stats = trainer.stats
+    check = judge(fvu=_evaluate(sae, held), heldout_rows=rows.shape[0],
+                  fvu_on=held.fvu_on, steps=stats.step, min_steps=config.min_steps,
+                  dead_fraction=stats.dead_fraction, improvement=plateau.improvement(),
+                  still_improving=held.kept >= MIN_JUDGE_ROWS and plateau.improvement() is not None
+                  and not plateau.converged(),
+                  rows=held.train_rows * world if held.train_rows else stats.rows, num_latents=config.num_latents,
+                  stopped=stopped)  # fmt: skip
+    return TrainResult(sae, stats, interrupted, Path(out) if out else None,
+                       Path(checkpoint) if checkpoint else None, check)  # fmt: skip
+
+
+def _evaluate(sae: SparseAutoencoder, held: HeldOut) -> float:
+    """FVU of the SAE's current weights on the held-out rows (NaN with too few of them)."""
+    try:
+        return heldout_fvu(sae, held.rows())
+    except ValueError:
+        return float("nan")
 
 
 __all__ = [
@@ -573,6 +689,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainStats",
+    "config_for_rows",
     "geometric_median",
     "normalize_rows_",
     "remove_parallel_component_",

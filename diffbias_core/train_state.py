@@ -27,7 +27,7 @@ STATE_FORMAT = "diffbias.train_state"
 STATE_VERSION = 1
 logger = logging.getLogger(__name__)
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-_RUN_FIELDS = ("step", "rows", "skipped", "fvu", "l0", "auxk", "lr", "best_fvu")
+_RUN_FIELDS = ("step", "rows", "skipped", "fvu", "l0", "auxk", "lr", "best_fvu", "variance")
 
 
 def state_path(path: str | PathLike[str]) -> Path:
@@ -123,7 +123,8 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
             trainer.best = [tensors[f"best.{name}"].to(dev) for name in _PARAMS]
         trainer.rows_since_fired.copy_(tensors["rows_since_fired"])
     for name in _RUN_FIELDS:
-        setattr(trainer.run, name, type(getattr(trainer.run, name))(run[name]))
+        if name in run:  # checkpoints of older versions lack the newer fields: they keep their defaults
+            setattr(trainer.run, name, type(getattr(trainer.run, name))(run[name]))
     trainer.run.initialized = metadata["initialized"] == "True"
     trainer.run.extra = json.loads(metadata.get("extra", "{}"))
     if ddp.world()[0] == 0:

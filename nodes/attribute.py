@@ -17,7 +17,7 @@ from ..diffbias_core.attribution import AttributionConfig, attribute
 from ..diffbias_core.memory import activation_bytes, check_fits, format_bytes
 from ..diffbias_core.probes import ProbeConfig, fit_probes
 from ..diffbias_core.progress import Cancelled
-from .charts import feature_chart
+from .charts import feature_chart, features_report
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
 from .runs import plan_runs
@@ -75,7 +75,8 @@ class AttributeFeatures(io.ComfyNode):
                 "Samples every class prompt from the same initial noise (paired), records the SAE's hook "
                 "activation at every step, fits a linear probe per step that tells the classes apart, and ranks "
                 "the SAE features that carry each class (integrated gradients through the probes, or the "
-                "difference of mean activations)."
+                "difference of mean activations). Stops with an error when the probes are at chance at "
+                "every step (the prompts do not separate the classes at this hook)."
             ),
             not_idempotent=True,
             inputs=[
@@ -133,6 +134,13 @@ class AttributeFeatures(io.ComfyNode):
                     "probe_accuracy",
                     display_name="probe_accuracy",
                     tooltip="Held-out accuracy of the probe at every sampling step (chance = 1 / classes).",
+                ),
+                io.String.Output(
+                    "report",
+                    display_name="report",
+                    tooltip="The probe test (how many steps beat chance), accuracy per step and warnings "
+                    "about the top features (no score, listed under several classes); wire it to "
+                    "Preview Any. Probes at chance at every step stop the node with an error instead.",
                 ),
             ],
         )
@@ -225,5 +233,7 @@ class AttributeFeatures(io.ComfyNode):
         accuracy = [float(a) for a in probes.accuracy]
         text = ", ".join(f"{int(s)}: {a:.2f}" for s, a in zip(probes.steps.tolist(), accuracy, strict=True))
         text += f" (activations kept: {format_bytes(memory.get('need', 0))})"
-        chart = feature_chart(features, top_k=min(top_k, 20), accuracy=[a for a in accuracy if a == a])
-        return io.NodeOutput(features, chart, text, ui=ui.PreviewImage(chart, cls=cls))
+        report, warnings = features_report(features, top_k)
+        chart = feature_chart(features, top_k=min(top_k, 20), accuracy=[a for a in accuracy if a == a],
+                              notes=warnings)  # fmt: skip
+        return io.NodeOutput(features, chart, text, report, ui=ui.PreviewImage(chart, cls=cls))

@@ -14,7 +14,7 @@ _WIDTH = 760
 _ROW = 16
 _PAD = 12
 COLOURS = ((70, 130, 220), (220, 100, 70), (80, 170, 90), (170, 90, 190), (200, 170, 40), (60, 170, 170))
-BG, INK, GRID = (255, 255, 255), (25, 25, 25), (215, 215, 215)
+BG, INK, GRID, WARN = (255, 255, 255), (25, 25, 25), (215, 215, 215), (200, 30, 30)
 
 
 def chart_font() -> ImageFont.ImageFont:
@@ -74,12 +74,27 @@ def _accuracy_panel(draw: ImageDraw.ImageDraw, top: int, accuracy: Sequence[floa
     return top + height + _PAD + _ROW
 
 
-def feature_chart(features: FeatureSet, top_k: int, accuracy: Sequence[float] | None = None) -> torch.Tensor:
-    """IMAGE (1, H, W, 3) float32 in [0, 1]: the ``top_k`` best features of every class, and the probe
-    accuracy per step when given."""
+def _wrap(text: str, width: int = 110) -> list[str]:
+    """Lines of at most ``width`` characters (the default font is about 6 px per character)."""
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
+def feature_chart(features: FeatureSet, top_k: int, accuracy: Sequence[float] | None = None,
+                  notes: Sequence[str] = ()) -> torch.Tensor:  # fmt: skip
+    """IMAGE (1, H, W, 3) float32 in [0, 1]: the ``top_k`` best features of every class, the probe
+    accuracy per step when given, and ``notes`` (warnings) in red at the top."""
     shown = [(features.ids[c][:top_k], features.scores[c][:top_k]) for c in range(features.num_classes)]
+    lines = [line for note in notes for line in _wrap(f"WARNING: {note}")]
     height = _PAD * 2 + _ROW + sum(_ROW * (ids.numel() + 1) + _PAD + 2 for ids, _ in shown)
     height += (120 + 3 * _ROW + _PAD) if accuracy else 0
+    height += _ROW * len(lines)
     image = Image.new("RGB", (_WIDTH, height), BG)
     draw = ImageDraw.Draw(image)
     draw.text(
@@ -89,6 +104,9 @@ def feature_chart(features: FeatureSet, top_k: int, accuracy: Sequence[float] | 
         font=chart_font(),
     )
     top = _PAD + _ROW + 4
+    for line in lines:
+        draw.text((_PAD, top), line, fill=WARN, font=chart_font())
+        top += _ROW
     for c, (ids, scores) in enumerate(shown):
         top = _class_panel(draw, top, features.classes[c], ids, scores.float(), COLOURS[c % len(COLOURS)])
     if accuracy:
@@ -97,4 +115,23 @@ def feature_chart(features: FeatureSet, top_k: int, accuracy: Sequence[float] | 
     return torch.from_numpy(array).unsqueeze(0)  # (1, H, W, 3)
 
 
-__all__ = ["BG", "COLOURS", "GRID", "INK", "chart_font", "feature_chart"]
+def features_report(features: FeatureSet, top_k: int) -> tuple[str, list[str]]:
+    """(text, warnings): the probe test and accuracy per step (when recorded) and the warnings of the
+    ``top_k`` best features, as a user reads them in Preview Any."""
+    from ..diffbias_core.features import feature_warnings, probe_accuracy
+
+    warnings = feature_warnings(features, top_k)
+    lines = [f"{features.method} features at {features.hook} ({', '.join(features.classes)}), SAE "
+             f"{features.sae_fingerprint}"]  # fmt: skip
+    if "probe_check" in features.provenance:
+        lines.append(f"probes: {features.provenance['probe_check']}")
+    accuracy = probe_accuracy(features)
+    if accuracy:
+        chance = 1 / features.num_classes
+        lines.append(f"held-out probe accuracy per step (chance {chance:.2f}): "
+                     + ", ".join(f"{step}: {value:.2f}" for step, value in accuracy))  # fmt: skip
+    lines += [f"warning: {text}" for text in warnings] or ["no warnings"]
+    return "\n".join(lines), warnings
+
+
+__all__ = ["BG", "COLOURS", "GRID", "INK", "WARN", "chart_font", "feature_chart", "features_report"]

@@ -7,8 +7,9 @@ import os
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_features, save_features
+from ..diffbias_core.features import probe_accuracy
 from . import files
-from .charts import feature_chart
+from .charts import feature_chart, features_report
 from .wires import FeaturesType, SaeType, SaeWire
 
 
@@ -112,7 +113,10 @@ class PreviewFeatures(io.ComfyNode):
             node_id="DiffBiasPreviewFeatures",
             display_name="Preview Bias Features (DiffBias)",
             category="diffbias/features",
-            description="Draws the best features of every class of a feature set with their scores.",
+            description="Draws the best features of every class of a feature set with their scores, the "
+            "probes' held-out accuracy per step (when the file records it) and warnings: top features "
+            "with no score, a feature listed under several classes. The report output says the same in "
+            "words (wire it to Preview Any).",
             is_output_node=True,
             inputs=[
                 FeaturesType.Input("features", tooltip="The feature set to show."),
@@ -128,10 +132,18 @@ class PreviewFeatures(io.ComfyNode):
                 io.Image.Output(
                     "chart", display_name="chart", tooltip="Bar chart of the top features' scores per class."
                 ),
+                io.String.Output(
+                    "report",
+                    display_name="report",
+                    tooltip="The probe test, held-out probe accuracy per step (chance = 1 / classes) and "
+                    "warnings about the top features, as text; wire it to Preview Any.",
+                ),
             ],
         )
 
     @classmethod
     def execute(cls, features, top_k: int) -> io.NodeOutput:
-        chart = feature_chart(features, top_k)
-        return io.NodeOutput(chart, ui=ui.PreviewImage(chart, cls=cls))
+        report, warnings = features_report(features, top_k)
+        accuracy = [value for _, value in probe_accuracy(features) if value == value]
+        chart = feature_chart(features, top_k, accuracy=accuracy or None, notes=warnings)
+        return io.NodeOutput(chart, report, ui=ui.PreviewImage(chart, cls=cls))

@@ -10,9 +10,12 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..diffbias_core import load_sae
-from ..diffbias_core.train import SaeTrainer, TrainConfig
+from ..diffbias_core import load_sae, save_sae
+from ..diffbias_core.activations import MemorySource
+from ..diffbias_core.train import config_for_rows, rows_per_activation, train_sae
+from ..diffbias_core.train_check import Reservoir
 from . import files
+from .attribute import as_map
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
 from .runs import plan_runs, spread
@@ -21,20 +24,11 @@ from .widgets import negative_prompt_input, sampler_inputs, size_inputs
 from .wires import SaeType, SaeWire, describe_sae
 
 logger = logging.getLogger(__name__)
-_ROWS_PER_BATCH_STEP = 64  # aim for at least this many optimizer steps on small runs
-
-
-def train_config(latents: int, k: int, expected_rows: int, seed: int) -> TrainConfig:
-    """A TrainConfig sized to the expected number of rows (smaller batches and warm-up for small runs)."""
-    batch = max(16, min(4096, expected_rows // _ROWS_PER_BATCH_STEP))
-    warmup = min(1000, expected_rows // batch // 10)
-    return TrainConfig(num_latents=latents, k=k, batch_size=batch, warmup_steps=warmup, seed=seed)
-
-
-def trainer_rows(captured: Captured) -> torch.Tensor:
-    """Rows (or maps) for ``SaeTrainer.feed``: UNet maps as they are, DiT tokens (rows, T, C) -> (rows*T, C)."""
-    x = captured.activations
-    return x if x.ndim == 4 else x.reshape(-1, x.shape[-1])  # (rows*T, C)
+TRAIN_PROGRESS = 100
+"""Progress-bar units of the training after sampling (filled as steps reach min_steps)."""
+STORE_VALUES = 1 << 28
+"""At most this many activation values (1 GiB in float32) are kept for training; beyond that a uniform
+sample of the activations (every one equally likely) is kept, so memory does not grow with the images."""
 
 
 class TrainSAE(io.ComfyNode):
@@ -45,9 +39,12 @@ class TrainSAE(io.ComfyNode):
             display_name="Train Bias SAE (DiffBias)",
             category="diffbias/sae",
             description=(
-                "Generates images from the prompts and trains a TopK sparse autoencoder on the activation at "
-                "the hook point while they are sampled (streaming: memory stays bounded). Saves it to "
-                "ComfyUI/models/sae. Cancelling keeps what was learned so far in a valid file."
+                "Generates images from the prompts, records the activation at the hook point while they are "
+                "sampled (at most 1 GiB: a uniform sample beyond), and trains a TopK sparse autoencoder on "
+                "it: passes over the activations until at least 2000 optimizer steps, then until the FVU "
+                "on held-out images stops improving. Saves it to ComfyUI/models/sae; the report gives the "
+                "held-out FVU, dead latents and a verdict (trained / under-trained). Cancelling keeps "
+                "what was learned so far in a valid file."
             ),
             not_idempotent=True,
             inputs=[
@@ -111,7 +108,9 @@ class TrainSAE(io.ComfyNode):
                 io.String.Output(
                     "report",
                     display_name="report",
-                    tooltip="Training summary: rows seen, steps, FVU, dead latents, file.",
+                    tooltip="Training report: held-out FVU (0 = perfect reconstruction, 1 = no better "
+                    "than the mean), dead latents, steps and the verdict, trained or under-trained "
+                    "with the reasons. Wire it to Preview Any to read it.",
                 ),
             ],
         )
@@ -144,55 +143,61 @@ class TrainSAE(io.ComfyNode):
         info = check_hook(model, point)
         path = files.new_sae_path(file_name)
         runs = plan_runs(len(lines), spread(images, len(lines)), batch_size, seed, paired=False)
-        state: dict[str, SaeTrainer] = {}
+        state: dict = {"image": 0}
 
         def sink(captured: Captured) -> None:
-            with torch.inference_mode(False), torch.enable_grad():
-                rows = trainer_rows(captured).clone()
-                if "trainer" not in state:
-                    x = captured.activations  # (n, C, H, W) map or (n, T, C) tokens
-                    per_image = x.shape[2] * x.shape[3] if x.ndim == 4 else x.shape[1]
-                    config = train_config(latents, k, per_image * images * steps, seed)
-                    state["trainer"] = SaeTrainer(
-                        config, rows.shape[1], hook=point.name, model_family=info.family, device=rows.device
-                    )
-                state["trainer"].feed(rows)
+            maps = as_map(captured.activations)  # (n, C, H, W); DiT tokens as (n, C, T, 1)
+            if "store" not in state:
+                state["store"] = Reservoir(max(1, STORE_VALUES // maps[0].numel()), seed=seed % 2**31)
+            ids = captured.image.cpu() + state["image"]  # one sample id per image: held out whole
+            state["store"].add(maps.float(), ids, torch.full_like(ids, captured.step))
 
         recording = add_recorder(model, point, sink)
         negative = encode(clip, negative_prompt)
         positives = {p: encode(clip, lines[p]) for p in sorted({run.prompt for run in runs})}
         settings = RunSettings(steps, cfg, sampler_name, scheduler)
-        progress = comfy.utils.ProgressBar(len(runs) * steps)
-        try:
-            for run in runs:
-                latent = empty_latent(model, run.batch, width, height)
-                sample(recording, positives[run.prompt], negative, latent, run.seed, settings, progress)
-        except comfy.model_management.InterruptProcessingException:
-            trainer = state.get("trainer")
-            if trainer is not None and trainer.stats.step > 0:
-                trainer.request_stop()
-                # never replace a file this run did not create (an older SAE, with its feature sets beside it)
-                target = files.free_path(path, "cancelled") if os.path.lexists(path) else path
-                trainer.save(target)
-                logger.warning(
-                    "diffbias: training cancelled after %d steps; saved the best weights so far to %s%s",
-                    trainer.stats.step,
-                    target,
-                    f" ({path} is unchanged)" if target != path else "",
-                )
-            raise
-        if "trainer" not in state:
+        progress = comfy.utils.ProgressBar(len(runs) * steps + TRAIN_PROGRESS)
+        for run in runs:
+            latent = empty_latent(model, run.batch, width, height)
+            sample(recording, positives[run.prompt], negative, latent, run.seed, settings, progress)
+            state["image"] += run.batch
+        if "store" not in state:
             raise RuntimeError(
                 f"no activation reached hook {point.name!r} while sampling; is the model "
                 f"patched by another node that skips this block?"
             )
-        trainer = state["trainer"]
         with torch.inference_mode(False), torch.enable_grad():
-            stats = trainer.finish()
-        trainer.save(path)
+            kept = state["store"].batch()  # inference tensors (recorded while sampling): copy them out
+            source = MemorySource(type(kept)(*(t.clone() for t in kept)), hook=point.name)
+            rows = source.num_rows * rows_per_activation(source.row_shape)
+            config = config_for_rows(latents, k, rows, seed=seed % 2**31)
+            device = comfy.model_management.get_torch_device()
+            done = {"shown": 0}
+
+            def advance(stats) -> None:
+                shown = min(TRAIN_PROGRESS, TRAIN_PROGRESS * stats.step // max(1, config.min_steps))
+                progress.update(shown - done["shown"])
+                done["shown"] = shown
+
+            result = train_sae(source, config, sae_options={"model_family": info.family, "device": device},
+                               progress=advance, stop=comfy.model_management.processing_interrupted)  # fmt: skip
+        if result.interrupted:
+            # never replace a file this run did not create (an older SAE, with its feature sets beside it)
+            target = files.free_path(path, "cancelled") if os.path.lexists(path) else path
+            save_sae(result.sae, target)
+            logger.warning(
+                "diffbias: training cancelled after %d steps; saved the best weights so far to %s%s",
+                result.stats.step,
+                target,
+                f" ({path} is unchanged)" if target != path else "",
+            )
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        save_sae(result.sae, path)
         sae = load_sae(path)
-        report = (
-            f"{files.display_name(path)}: {describe_sae(sae)}; {stats.rows} rows, {stats.step} steps, "
-            f"FVU {stats.fvu:.3f} (best {stats.best_fvu:.3f}), dead latents {stats.dead_fraction:.1%}"
-        )
+        report = (f"{files.display_name(path)}: {describe_sae(sae)}; {rows} activation rows recorded "
+                  f"({result.check.heldout_rows} held out)\n")  # fmt: skip
+        report += result.check.summary()
+        if result.check.verdict != "trained":
+            logger.warning("diffbias: %s is %s: %s", files.display_name(path), result.check.verdict,
+                           "; ".join(result.check.reasons))  # fmt: skip
         return io.NodeOutput(SaeWire(sae, path), report, ui=ui.PreviewText(report))

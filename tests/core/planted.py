@@ -60,9 +60,9 @@ class PlantedMaps(NamedTuple):
 
 def planted_maps(seed: int, *, width: int = 24, atoms: int = 20, classes: int = 2, per_class: int = 2,
                  background_k: int = 2, samples: int = 12, steps: int = 2, size: int = 2,
-                 noise: float = 0.02) -> PlantedMaps:  # fmt: skip
-    """Maps whose class is carried only by the class atoms (each present at about 60% of the positions,
-    independently, so that every class atom is evidence of its own)."""
+                 noise: float = 0.02, presence: float = 0.6) -> PlantedMaps:  # fmt: skip
+    """Maps whose class is carried only by the class atoms (each present at about 60% of the positions by default,
+    independently, so that every class atom is evidence of its own; ``presence`` sets that share)."""
     g = torch.Generator().manual_seed(seed)
     dictionary = unit_dictionary(atoms, width, g)
     n_class_atoms = classes * per_class
@@ -76,7 +76,7 @@ def planted_maps(seed: int, *, width: int = 24, atoms: int = 20, classes: int = 
             for c in range(classes):
                 code = background.clone()
                 for atom in range(c * per_class, (c + 1) * per_class):  # each atom is separate evidence
-                    where = torch.rand(positions, generator=g) < 0.6
+                    where = torch.rand(positions, generator=g) < presence
                     where[torch.randint(positions, (1,), generator=g)] = True
                     code[where, atom] = 1.0 + torch.rand(int(where.sum()), generator=g)
                 x = code @ dictionary + noise * torch.randn(positions, width, generator=g)  # (P, width)

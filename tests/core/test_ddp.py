@@ -12,8 +12,15 @@ from diffbias_core.formats import read_safetensors
 from diffbias_core.train import SaeTrainer, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = dict(
-    num_latents=16, k=2, batch_size=64, buffer_batches=2, warmup_steps=2, lr=5e-3, dead_after_rows=200
+CONFIG = dict(  # holdout 0: every row is trained on, so the processes' row counts are known exactly
+    num_latents=16,
+    k=2,
+    batch_size=64,
+    buffer_batches=2,
+    warmup_steps=2,
+    lr=5e-3,
+    dead_after_rows=200,
+    holdout=0.0,
 )
 SAME = {**CONFIG, "dead_after_rows": 10**9}  # dead counters advance by the global row count: keep AuxK out
 
