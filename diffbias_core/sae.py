@@ -315,7 +315,8 @@ class SparseAutoencoder(nn.Module):
 
     def _fingerprint_key(self) -> tuple:
         w = self.W_dec
-        return (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+        version = -1 if w.is_inference() else w._version  # inference tensors (ComfyUI's loads) keep no version
+        return (w.data_ptr(), version, tuple(w.shape), w.dtype, w.device)
 
     def extra_repr(self) -> str:
         kernel = f", kernel_size={self.kernel_size}" if self.kernel_size > 1 else ""

@@ -327,3 +327,14 @@ def test_reliability_load_sae_peak_memory_is_near_the_file_size(tmp_path, dtype)
     grown = measured["peak"] - measured["before"]
     assert measured["same"]
     assert grown < 1.1 * size + 64 * 2**20, f"peak grew by {grown / size:.2f}x the file size ({measured})"
+
+
+def test_reliability_fingerprint_of_an_sae_loaded_in_inference_mode():
+    """Case 15: ComfyUI loads under torch.inference_mode(): the remembered fingerprint works on inference tensors."""
+    sae = _small_sae()
+    expected = sae.fingerprint()
+    with torch.inference_mode():
+        copy = SparseAutoencoder.from_weights(*(getattr(sae, n).detach().clone() for n in
+                                                ("W_enc", "b_enc", "W_dec", "b_dec")), sae.k)  # fmt: skip
+        assert copy.W_dec.is_inference()
+        assert copy.fingerprint() == expected == copy.fingerprint()
