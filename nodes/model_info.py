@@ -25,6 +25,7 @@ _FAMILIES = {
     "Chroma": "chroma",
     "HunyuanVideo": "hunyuan_video",
     "LTXV": "ltxv",
+    "WAN22_S2V": "wan_s2v",
     "WAN21_T2V": "wan",
     "QwenImage": "qwen_image",
     "AuraFlow": "auraflow",
@@ -33,6 +34,16 @@ _FAMILIES = {
     "PixArtAlpha": "pixart",
     "CosmosT2V": "cosmos",
     "CosmosT2IPredict2": "cosmos",
+}
+# DiT families whose block replace patches the plugin edits: each is sampled with an edit at every hook kind
+# by tests/comfy/inside/test_families.py. A DiT of any other family gets no hook point.
+_DIT_FAMILIES = ("flux", "chroma", "sd3", "qwen_image", "wan", "ltxv", "hunyuan_video")
+# Why a model of a family with blocks offers no hook point (ComfyUI 0.3.64).
+_NO_HOOKS_REASON = {
+    "wan_s2v": (
+        "Wan 2.2 S2V calls its block replace patches without transformer_options (comfy/ldm/wan/model.py, "
+        "WanModel_S2V), so an edit cannot tell the conditional rows of a batch from the unconditional ones"
+    ),
 }
 # Families whose diffusion model offers ("single_block", i) replace patches (text tokens first).
 _SINGLE_BLOCK_FAMILIES = frozenset({"flux", "chroma"})
@@ -127,7 +138,7 @@ def describe(model) -> ModelInfo:
         )
         return ModelInfo(family, "unet", tuple(hooks))
     doubles = _double_blocks(net)
-    if doubles is None:
+    if doubles is None or family not in _DIT_FAMILIES:
         return ModelInfo(family, "other", ())
     hooks = [f"dit.double.{i}" for i in range(len(doubles))]
     singles = getattr(net, "single_blocks", None)
@@ -165,6 +176,16 @@ def hook_width(model, hook: HookPoint) -> int | None:
     return None
 
 
+def no_hooks_reason(info: ModelInfo) -> str:
+    """Why a model whose ``describe`` lists no hook point has none, naming its family."""
+    if info.family in _NO_HOOKS_REASON:
+        return _NO_HOOKS_REASON[info.family]
+    return (
+        f"diffbias edits UNets and the DiT families {', '.join(_DIT_FAMILIES)}; "
+        f"this {info.family!r} model is none of them"
+    )
+
+
 def compact_hooks(hooks: tuple[str, ...]) -> str:
     """``unet.input.0-11, unet.middle, unet.output.0-10``: hook names with numbered runs folded."""
     groups: dict[str, list[int]] = {}
@@ -187,10 +208,14 @@ def check_hook(
     ``sae_family``: the family an SAE was trained on; "unknown"/None/"" skip the family check.
     """
     info = describe(model)
+    if not info.hooks:
+        raise ValueError(
+            f"this {info.family} model offers no hook point for {hook.name!r}: {no_hooks_reason(info)}"
+        )
     if hook.name not in info.hooks:
         raise ValueError(
             f"hook point {hook.name!r} does not exist on this {info.family} model ({info.architecture}); "
-            f"it has: {compact_hooks(info.hooks) or 'none (this model family has no supported hook points)'}. "
+            f"it has: {compact_hooks(info.hooks)}. "
             "Use an SAE trained on this model, or pick one of these hook points when training."
         )
     if sae_family and sae_family not in ("unknown", info.family):
@@ -207,4 +232,13 @@ def check_hook(
     return info
 
 
-__all__ = ["HookPoint", "ModelInfo", "check_hook", "describe", "hook_width", "model_family", "parse_hook"]
+__all__ = [
+    "HookPoint",
+    "ModelInfo",
+    "check_hook",
+    "describe",
+    "hook_width",
+    "model_family",
+    "no_hooks_reason",
+    "parse_hook",
+]

@@ -105,8 +105,14 @@ class _DitBlockPatch(_SharedPatch):
         self.previous = previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        transformer_options = args.get("transformer_options")
+        if transformer_options is None:  # without it the rows' cond/uncond kinds and classes are unknown
+            raise RuntimeError(
+                "diffbias: this model calls its DiT block patches without transformer_options, so the edit "
+                "cannot tell the conditional rows of a batch from the unconditional ones; this model "
+                "family is not supported"
+            )
         out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        transformer_options = args.get("transformer_options") or {}
         img = out["img"]
         if not self.single:
             return {**out, "img": self.fn(img, transformer_options)}
@@ -358,7 +364,11 @@ class FeatureEdit(_SharedPatch):
 
 
 class InterventionWrapper:
-    """OUTER_SAMPLE wrapper: draws the image classes of one run from its seed; removes them afterwards."""
+    """OUTER_SAMPLE wrapper: draws the image classes of one run from its seed; removes them afterwards.
+
+    Arguments after ``seed`` are handed to ``executor`` as they came: ComfyUI 0.3.64 passes none, newer
+    ComfyUI passes ``latent_shapes=`` (see docs/comfyui-compat.md).
+    """
 
     def __init__(self, state_key: str, plan: ClassPlan, start_percent: float, end_percent: float) -> None:
         self.state_key = state_key
@@ -377,6 +387,7 @@ class InterventionWrapper:
         callback=None,
         disable_pbar=False,
         seed=None,
+        **later,
     ):
         guider = executor.class_obj
         sampling = guider.model_patcher.get_model_object("model_sampling")
@@ -389,7 +400,9 @@ class InterventionWrapper:
         options[self.state_key] = state
         logger.debug("diffbias: %s image classes %s", self.state_key, state.image_class.tolist())
         try:
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+            return executor(
+                noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **later
+            )
         finally:
             options.pop(self.state_key, None)
 
