@@ -14,9 +14,12 @@ from .apply import ApplyIntervention
 from .attribute import AttributeFeatures
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
+from .toy_nodes import LoadToyWorld, ToyWorldOracle
 from .train_sae import TrainSAE
 
 NODES: list[type[io.ComfyNode]] = [
+    LoadToyWorld,
+    ToyWorldOracle,
     LoadSAE,
     TrainSAE,
     AttributeFeatures,
