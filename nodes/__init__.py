@@ -14,6 +14,7 @@ from .apply import ApplyIntervention
 from .attribute import AttributeFeatures
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
+from .measure import MeasureBias
 from .toy_nodes import LoadToyWorld, ToyWorldOracle
 from .train_sae import TrainSAE
 
@@ -27,6 +28,7 @@ NODES: list[type[io.ComfyNode]] = [
     SaveFeatures,
     LoadFeatures,
     PreviewFeatures,
+    MeasureBias,
 ]
 
 

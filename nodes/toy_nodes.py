@@ -8,8 +8,7 @@ from ..diffbias_core.toy.classifier import ToyOracle
 from ..diffbias_core.toy.train import load_model
 from ..diffbias_core.toy.world import COLOURS, SHAPES, VOCAB
 from .toy_world import toy_world
-
-ClassifierType = io.Custom("DIFFBIAS_CLASSIFIER")
+from .wires import ClassifierType
 
 
 class LoadToyWorld(io.ComfyNode):
@@ -92,4 +91,4 @@ class ToyWorldOracle(io.ComfyNode):
         return io.NodeOutput(ToyOracle(attribute))  # type: ignore[arg-type]
 
 
-__all__ = ["ClassifierType", "LoadToyWorld", "ToyWorldOracle"]
+__all__ = ["LoadToyWorld", "ToyWorldOracle"]

@@ -3,6 +3,10 @@
 * ``DIFFBIAS_SAE`` carries a :class:`SaeWire`: the SAE and the file it came from (feature sets are saved
   beside it).
 * ``DIFFBIAS_FEATURES`` carries a ``diffbias_core.FeatureSet``.
+* ``DIFFBIAS_CLASSIFIER`` carries any object of the ``diffbias_core.measure.ImageClassifier`` protocol
+  (``classes``, ``name``, ``probabilities(images)``; optional ``groups``, ``readable``, ``embed``): a linear
+  probe on vision embeddings (Train/Load Bias Classifier) or the toy world's exact oracles. It never reads
+  the hook activation an intervention edits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from ..diffbias_core import SparseAutoencoder
 
 SaeType = io.Custom("DIFFBIAS_SAE")
 FeaturesType = io.Custom("DIFFBIAS_FEATURES")
+ClassifierType = io.Custom("DIFFBIAS_CLASSIFIER")
 
 
 class SaeWire(NamedTuple):
@@ -35,4 +40,4 @@ def describe_sae(sae: SparseAutoencoder) -> str:
     )
 
 
-__all__ = ["FeaturesType", "SaeType", "SaeWire", "describe_sae"]
+__all__ = ["ClassifierType", "FeaturesType", "SaeType", "SaeWire", "describe_sae"]

@@ -10,6 +10,7 @@ NODE_IDS = (
     "DiffBiasSaveFeatures",
     "DiffBiasLoadFeatures",
     "DiffBiasPreviewFeatures",
+    "DiffBiasMeasureBias",
 )
 
 
