@@ -32,10 +32,17 @@ class ToyOracle:
         self.classes: tuple[str, ...] = COLOURS if attribute == "colour" else SHAPES
         self._group_names: tuple[str, ...] = SHAPES if attribute == "colour" else COLOURS
         self.name = f"toy world oracle ({attribute}, exact pixel rules)"
+        self._last: tuple[Tensor, Reading] | None = None
 
     def read(self, images: Tensor) -> Reading:
-        """The oracles' full reading (colour, shape, mask) of ComfyUI pictures (B, H, W, 3)."""
-        return read(picture_to_world(images, self.image_size))
+        """The oracles' full reading (colour, shape, mask) of ComfyUI pictures (B, H, W, 3).
+
+        The reading of the last batch is kept, so that probabilities, groups and readable on the same
+        tensor read it once.
+        """
+        if self._last is None or self._last[0] is not images:
+            self._last = (images, read(picture_to_world(images, self.image_size)))
+        return self._last[1]
 
     def _labels(self, reading: Reading) -> tuple[Tensor, Tensor]:
         """(class labels, group labels), each (B,) int64 with -1 = unreadable."""
