@@ -161,7 +161,9 @@ class ToyDiffusionModel(torch.nn.Module):
                 transformer_options: dict | None = None, **kwargs) -> Tensor:  # fmt: skip
         """x: (B, 3, S, S) scaled model input, timesteps: (B,) toy time, context: (B, 2, 32) -> v."""
         if context is None:
-            raise ValueError("the toy model needs a prompt: connect a CLIP Text Encode of the toy world's CLIP")
+            raise ValueError(
+                "the toy model needs a prompt: connect a CLIP Text Encode of the toy world's CLIP"
+            )
         options = transformer_options if transformer_options is not None else {}
         options["original_shape"] = list(x.shape)
         return self.unet.denoise(x, timesteps.to(x.dtype), context.to(x.dtype), _ComfySeams(options))

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--skip-sae", action="store_true", help="do not train the SAE afterwards")
     sae = sub.add_parser("train-sae", help="train only the SAE, on the model in --out")
     features = sub.add_parser(
-        "features", help="attribute the colour features on the shipped model and SAE (the shipped feature set)"
+        "features",
+        help="attribute the colour features on the shipped model and SAE (the shipped feature set)",
     )
     for p in (train, sae, features):
         p.add_argument(

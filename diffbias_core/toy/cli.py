@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     drawn = save_grid(result.images, result.shape, out / "twins.png")
     drawn = save_charts(result.report, out / "charts.png") and drawn
     print(_summary(result.report))
-    pictures = f"{out / 'twins.png'}, {out / 'charts.png'}" if drawn else "not drawn (Pillow is not installed)"
+    pictures = (
+        f"{out / 'twins.png'}, {out / 'charts.png'}" if drawn else "not drawn (Pillow is not installed)"
+    )
     print(f"\nreport: {report_path}\npictures: {pictures}")
     print(f"seconds: {json.dumps(result.report['seconds'])}")
     return 0

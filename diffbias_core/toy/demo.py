@@ -37,7 +37,6 @@ from ..intervention import EditSpec, assign_classes
 from ..probes import ProbeConfig, fit_probes
 from ..progress import Progress
 from ..sae import SparseAutoencoder
-
 from . import world as W
 from .diffusion import initial_noise
 from .dissect import SAE_FILE, ToySaeConfig, load_toy_sae, train_toy_sae

@@ -39,7 +39,11 @@ enough that the first step matches pure noise closely, small enough for float32 
 def edm_sigma(t: Tensor) -> Tensor:
     """Noise level in the form x = x0 + sigma noise: sigma_vp / alpha, capped at SIGMA_MAX. t: any shape."""
     angle = 0.5 * math.pi * (t.double() + _OFFSET) / (1 + _OFFSET)
-    return torch.tan(angle.clamp(max=0.5 * math.pi)).clamp(0.0, SIGMA_MAX).to(t.dtype if t.is_floating_point() else torch.float32)
+    return (
+        torch.tan(angle.clamp(max=0.5 * math.pi))
+        .clamp(0.0, SIGMA_MAX)
+        .to(t.dtype if t.is_floating_point() else torch.float32)
+    )
 
 
 def edm_time(sigma: Tensor) -> Tensor:

@@ -34,7 +34,9 @@ def picture_to_world(pictures: Tensor, size: int) -> Tensor:
     images = pictures[..., :3].float().permute(0, 3, 1, 2)  # (B, 3, H, W)
     h, w = images.shape[-2:]
     if h % size == 0 and w % size == 0:
-        images = images[:, :, (h // size) // 2 :: h // size, (w // size) // 2 :: w // size]  # (B, 3, size, size)
+        images = images[
+            :, :, (h // size) // 2 :: h // size, (w // size) // 2 :: w // size
+        ]  # (B, 3, size, size)
     else:
         images = F.interpolate(images, size=(size, size), mode="area")
     return images.clamp(0, 1) * 2 - 1
@@ -64,4 +66,10 @@ def latent_rgb_factors(chroma_scale: float) -> list[list[float]]:
     return inverse[:, :, 0, 0].tolist()
 
 
-__all__ = ["DISPLAY_SCALE", "latent_rgb_factors", "latent_to_picture", "picture_to_latent", "picture_to_world"]
+__all__ = [
+    "DISPLAY_SCALE",
+    "latent_rgb_factors",
+    "latent_to_picture",
+    "picture_to_latent",
+    "picture_to_world",
+]

@@ -14,7 +14,6 @@ from ..formats import load_sae, save_sae
 from ..progress import Progress
 from ..sae import SparseAutoencoder
 from ..train import SaeTrainer, TrainConfig
-
 from . import world as W
 from .diffusion import initial_noise
 from .model import MODEL_FAMILY, ToyUNet

@@ -14,7 +14,6 @@ from torch import Tensor
 from ..features import FeatureSet
 from ..intervention import EditSpec, edit_map, feature_table
 from ..sae import SparseAutoencoder
-
 from .sampling import Captured, EditFn, StepContext, in_window
 
 

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from ..metrics import class_proportions, fairness_discrepancy
-
 from .oracles import Reading, mask_iou
 from .world import COLOURS, SHAPES
 

@@ -244,4 +244,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["HOOK_MODULES", "MODEL_FAMILY", "BlockSeams", "ToyUNet", "embed_tokens", "UNetConfig", "count_parameters", "hook_module"]
+__all__ = [
+    "HOOK_MODULES",
+    "MODEL_FAMILY",
+    "BlockSeams",
+    "ToyUNet",
+    "embed_tokens",
+    "UNetConfig",
+    "count_parameters",
+    "hook_module",
+]

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from ..hooks import edit_outputs
-
 from .diffusion import sample_in_chunks
 from .model import HOOK_MODULES, ToyUNet
 

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..formats import atomic_write
 from ..progress import Progress
-
 from . import world as W
 from .diffusion import initial_noise, sample_in_chunks, v_loss
 from .model import MODEL_FAMILY, ToyUNet, UNetConfig

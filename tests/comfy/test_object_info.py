@@ -62,7 +62,9 @@ def test_sae_folder_is_listed(server):
     assert "sd15_hspace.safetensors" in options
     assert "sparsify_sd15/" in options, "a published layout folder is listed as 'name/'"
     assert "sparsify_sd15/sae.safetensors" not in options
-    assert options[-1] == "toy_world/toy_sae.safetensors", "the shipped toy SAE is listed after the user's files"
+    assert options[-1] == "toy_world/toy_sae.safetensors", (
+        "the shipped toy SAE is listed after the user's files"
+    )
     assert not [name for name in options if name.endswith(".features.safetensors")]
 
 

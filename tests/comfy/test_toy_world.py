@@ -95,9 +95,7 @@ def _pictures(server, entry: dict, node_id: int) -> torch.Tensor:
 def _fd_per_shape(colour: torch.Tensor) -> list[float]:
     """colour: (3 * PER_SHAPE,) oracle colours, shape-major (unreadable -1 left out) -> FD per prompted shape."""
     per = colour.view(len(T.SHAPES), -1)
-    return [
-        float(fairness_discrepancy(torch.bincount(row[row >= 0], minlength=3).double())) for row in per
-    ]
+    return [float(fairness_discrepancy(torch.bincount(row[row >= 0], minlength=3).double())) for row in per]
 
 
 def _figures(reading: oracles.Reading) -> dict:
@@ -142,7 +140,9 @@ def test_debias_workflow_removes_the_bias(debias):
 
 def test_debias_workflow_reports_its_measures(debias):
     assert "images: 288 measured" in debias["reports"]["plain"]
-    assert "pixel similarity" in debias["reports"]["after"], "the intervened batch is measured against its twins"
+    assert "pixel similarity" in debias["reports"]["after"], (
+        "the intervened batch is measured against its twins"
+    )
 
 
 def test_random_features_of_the_same_size_do_not(server, debias):

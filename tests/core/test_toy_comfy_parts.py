@@ -12,7 +12,12 @@ from diffbias_core.hooks import edit_outputs
 from diffbias_core.toy import diffusion as D
 from diffbias_core.toy import world as W
 from diffbias_core.toy.classifier import ToyOracle
-from diffbias_core.toy.display import latent_rgb_factors, latent_to_picture, picture_to_latent, picture_to_world
+from diffbias_core.toy.display import (
+    latent_rgb_factors,
+    latent_to_picture,
+    picture_to_latent,
+    picture_to_world,
+)
 from diffbias_core.toy.model import BlockSeams, ToyUNet, UNetConfig
 
 TINY = UNetConfig(widths=(8, 16, 16), text_dim=8, time_dim=16, heads=2)
@@ -63,7 +68,15 @@ def test_seams_are_called_per_block_and_output_0_sees_the_middle_block():
         with edit_outputs(model, "middle", lambda h: h * 0.5 + 1.0):
             hooked = model(x, t, prompt)
         plain = model(x, t, prompt)
-    expected = [("input", 0), ("input", 1), ("input", 2), ("middle", 0), ("output", 0), ("output", 1), ("output", 2)]
+    expected = [
+        ("input", 0),
+        ("input", 1),
+        ("input", 2),
+        ("middle", 0),
+        ("output", 0),
+        ("output", 1),
+        ("output", 2),
+    ]
     assert trace.calls == expected
     torch.testing.assert_close(edited, hooked)
     assert not torch.allclose(edited, plain)
