@@ -163,7 +163,7 @@ def stack_columns(workflow: dict) -> dict:
         columns.setdefault(node["pos"][0], []).append(node)
     for nodes in columns.values():
         nodes.sort(key=lambda node: node["pos"][1])
-        for above, node in zip(nodes, nodes[1:]):
+        for above, node in zip(nodes, nodes[1:], strict=False):
             bottom = above["pos"][1] + above["size"][1] + GAP
             node["pos"][1] = max(node["pos"][1], bottom)
     return workflow
