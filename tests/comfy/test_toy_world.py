@@ -40,6 +40,7 @@ BOOTSTRAP = 2000
 def checks(comfyui) -> dict:
     output = run_comfy_script(comfyui, "toy_checks.py")
     line = next(line for line in output.splitlines() if line.startswith("RESULTS "))
+    print(line)
     return json.loads(line.removeprefix("RESULTS "))
 
 
