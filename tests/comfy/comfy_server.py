@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -17,9 +18,10 @@ STUBS = Path(__file__).resolve().parent / "stubs"
 
 
 def comfy_env(comfyui: str) -> dict[str, str]:
-    """Environment for a ComfyUI process: the torchvision stub and ComfyUI importable (the plugin is found in custom_nodes)."""
+    """Environment for a ComfyUI process: ComfyUI importable, and the torchvision stub when no torchvision is
+    installed (a real one is left in charge). The plugin is found in custom_nodes or loaded by path."""
     env = dict(os.environ)
-    parts = [str(STUBS), comfyui]
+    parts = [comfyui] if importlib.util.find_spec("torchvision") else [str(STUBS), comfyui]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)

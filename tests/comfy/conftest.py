@@ -1,6 +1,8 @@
 """Fixtures for tests against a real ComfyUI, found through the environment variable COMFYUI_PATH.
 
-Without it every test here is skipped with the reason printed. The random-weight SD1.5 checkpoint
+Without it every test here is skipped with the reason printed. With it, a test here that skips is
+reported as a failure that names the test and the skip reason: nothing may silently skip against a
+ComfyUI (CI sets COMFYUI_PATH). The random-weight SD1.5 checkpoint
 (2 GB) is built once with ComfyUI's own classes and cached in $COMFYUI_TEST_CACHE (default: a
 ``diffbias_comfy_cache`` folder in the system temp dir), outside the repository.
 """
@@ -30,19 +32,44 @@ def comfyui_available() -> bool:
     return bool(COMFYUI) and (Path(COMFYUI) / "main.py").is_file()
 
 
+def _skip_reason() -> str:
+    if COMFYUI and not comfyui_available():
+        return f"COMFYUI_PATH={COMFYUI} has no main.py: point it at a ComfyUI checkout"
+    return SKIP_REASON
+
+
+def _is_node_test(item) -> bool:
+    return HERE in Path(str(item.fspath)).resolve().parents
+
+
 def pytest_collection_modifyitems(config, items):
     if comfyui_available():
         return
-    skip = pytest.mark.skip(reason=SKIP_REASON)
+    skip = pytest.mark.skip(reason=_skip_reason())
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        if _is_node_test(item):
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With COMFYUI_PATH set, a node test that skips fails, naming the test and the skip reason."""
+    report = yield
+    if COMFYUI and report.skipped and _is_node_test(item) and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} skipped ({report.when}) although COMFYUI_PATH is set ({COMFYUI}): {reason}\n"
+            "With COMFYUI_PATH set every node test must run; unset it to skip the node tests."
+        )
+    return report
 
 
 @pytest.fixture(scope="session")
 def comfyui() -> str:
     if not comfyui_available():
-        pytest.skip(SKIP_REASON)
+        pytest.skip(_skip_reason())
     return COMFYUI
 
 
@@ -68,23 +95,6 @@ def sd15_checkpoint(comfyui, cache_dir) -> Path:
             timeout=900,
         )
     return path
-
-
-def run_comfy_script(comfyui: str, script: str, *args: str, timeout: float = 900) -> str:
-    """Run a script of this folder in a ComfyUI process; returns its stdout (raises with its output)."""
-    result = subprocess.run(
-        [sys.executable, str(HERE / script), *args],
-        cwd=comfyui,
-        env=comfy_env(comfyui),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result.stdout
 
 
 @pytest.fixture(scope="session")

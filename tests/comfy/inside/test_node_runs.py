@@ -1,0 +1,78 @@
+"""Node behaviour that needs ComfyUI's runtime: a missing model folder, and Cancel during Train Bias SAE
+(tiny UNet, the random SD1.5 checkpoint's real CLIP-L)."""
+
+from __future__ import annotations
+
+from .harness import tiny_unet
+
+MISSING = "/nonexistent/diffbias/models/sae"
+
+
+def test_missing_sae_folder_says_where_to_create_it(plugin, sae_folder):
+    sae_folder(MISSING)
+    load = plugin.node_classes["DiffBiasLoadSAE"]
+    validation = load.validate_inputs(sae_name="x.safetensors")
+    assert isinstance(validation, str) and MISSING in validation and "create it" in validation, (
+        f"validate_inputs returned {validation!r}"
+    )
+    try:
+        load.execute(sae_name="x.safetensors")
+    except FileNotFoundError as error:
+        message = str(error)
+    else:
+        raise AssertionError("Load Bias SAE ran with no models/sae folder")
+    assert MISSING in message and "create it" in message, message
+
+
+def test_cancelled_training_keeps_a_valid_file(plugin, core, sd15_clip, sae_folder, tmp_path):
+    """Cancel in the third of four sampler runs: the node stops, and the file holds the best weights so far."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    calls = []
+
+    def cancel_later(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # runs of 4 steps (cond + uncond in one call): the 9th call is in the third run
+            comfy.model_management.interrupt_current_processing(True)
+        return executor(*args, **kwargs)
+
+    model = tiny_unet(seed=0)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_cancel", cancel_later)
+    sae_folder(tmp_path)
+    train = plugin.node_classes["DiffBiasTrainSAE"]
+    try:
+        train.execute(
+            model,
+            sd15_clip,
+            "a photo of a person\na photo of a doctor",
+            "",
+            32,  # width
+            32,  # height
+            4,  # steps
+            5.0,  # cfg
+            "euler",
+            "normal",
+            0,  # seed
+            16,  # images
+            4,  # batch_size
+            "unet.middle",
+            64,  # latents
+            4,  # k
+            "cancelled",
+        )
+    except comfy.model_management.InterruptProcessingException:
+        pass
+    else:
+        raise AssertionError(f"Train Bias SAE did not stop on Cancel ({len(calls)} model calls)")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert len(calls) < 16, f"sampling went on after Cancel: {len(calls)} of 16 model calls"
+    path = tmp_path / "cancelled.safetensors"
+    assert path.is_file(), (
+        f"no file written on Cancel; {tmp_path} holds {sorted(p.name for p in tmp_path.iterdir())}"
+    )
+    sae = core.load_sae(path)
+    found = [sae.d_in, sae.num_latents, sae.k, sae.hook, sae.model_family]
+    assert found == [64, 64, 4, "unet.middle", "sd15"], f"the saved SAE is {found}"
+    assert int(sae.provenance.get("steps", "0")) > 0, f"no optimizer step recorded: {sae.provenance}"
