@@ -1,7 +1,7 @@
 """ComfyUI nodes of diffbias: thin adapters from widgets to ``diffbias_core``.
 
-The only package that imports ComfyUI. ``comfy_entrypoint`` registers the ``models/sae`` folder and
-returns the extension listing every node. The core is imported from the plugin folder itself
+The only package that imports ComfyUI. ``comfy_entrypoint`` registers the ``models/sae`` and
+``models/diffbias_classifiers`` folders and returns the extension listing every node. The core is imported from the plugin folder itself
 (``..diffbias_core``), so a plain clone into ``custom_nodes/`` works without installing the package.
 """
 
@@ -12,6 +12,8 @@ from comfy_api.latest import ComfyExtension, io
 from . import files
 from .apply import ApplyIntervention
 from .attribute import AttributeFeatures
+from .calibrate import CalibrateIntervention
+from .classifiers import LoadClassifier, SaveClassifier, TrainClassifier, TrainClassifierFromImages
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
 from .measure import MeasureBias
@@ -28,7 +30,12 @@ NODES: list[type[io.ComfyNode]] = [
     SaveFeatures,
     LoadFeatures,
     PreviewFeatures,
+    TrainClassifier,
+    TrainClassifierFromImages,
+    SaveClassifier,
+    LoadClassifier,
     MeasureBias,
+    CalibrateIntervention,
 ]
 
 
@@ -42,6 +49,7 @@ class DiffBiasExtension(ComfyExtension):
 async def comfy_entrypoint() -> DiffBiasExtension:
     """ComfyUI's V3 entry point: one-time setup (the ``sae`` model folder), then the extension."""
     files.register_folder()
+    files.register_classifier_folder()
     return DiffBiasExtension()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from comfy_api.latest import io
 
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
@@ -15,7 +17,7 @@ EDITS = ("add", "scale")
 STRENGTH_LIMIT = 1000.0
 
 
-def _fixed_class(mode: str, target: str, classes: tuple[str, ...]) -> int | None:
+def fixed_class(mode: str, target: str, classes: tuple[str, ...]) -> int | None:
     """The one class of every image (push: a class name, or weights with one positive entry), SUPPRESS, or None."""
     if mode == "suppress":
         return SUPPRESS
@@ -140,49 +142,69 @@ class ApplyIntervention(io.ComfyNode):
         cond_only: bool,
         seed: int,
     ) -> io.NodeOutput:
-        if mode not in MODES or edit not in EDITS:
-            raise ValueError(
-                f"mode must be one of {MODES} and edit one of {EDITS}, got {mode!r} and {edit!r}"
-            )
-        if edit == "scale" and mode != "suppress" and not 0.0 <= strength <= STRENGTH_LIMIT:
-            raise ValueError(
-                f"strength {strength} is out of range for 'scale': use 0..{STRENGTH_LIMIT:g} "
-                "(1 = unchanged, 0 = remove the feature, 2 = double it)"
-            )
-        if start_percent > end_percent:
-            raise ValueError(
-                f"start_percent {start_percent} is after end_percent {end_percent}: the edit "
-                "window would be empty; make start_percent <= end_percent"
-            )
-        features.check_matches(sae.sae)
-        hook = parse_hook(sae.sae.hook)
-        check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
-        if not hook.is_unet and sae.sae.kernel_size != 1:
-            raise ValueError(
-                f"a {sae.sae.kernel_size}x{sae.sae.kernel_size}-kernel SAE codes spatial maps; "
-                f"DiT hook {hook.name!r} needs a per-token SAE (kernel 1)"
-            )
-        weights = (
-            parse_target(target, features.classes) if mode == "balance" else (1.0,) * features.num_classes
+        settings = InterventionSettings(
+            mode, target, edit, strength, top_k, start_percent, end_percent, cond_only, seed
         )
-        fixed = _fixed_class(mode, target, features.classes)
-        spec = (
-            EditSpec(mode="ablate", top_k=top_k)
-            if mode == "suppress"
-            else EditSpec(mode=edit, strength=float(strength), top_k=top_k)
+        return io.NodeOutput(intervention_model(model, sae, features, settings))
+
+
+class InterventionSettings(NamedTuple):
+    """The widgets of Apply Feature Intervention (see its tooltips), in its input order."""
+
+    mode: str
+    target: str
+    edit: str
+    strength: float
+    top_k: int
+    start_percent: float
+    end_percent: float
+    cond_only: bool
+    seed: int
+
+
+def intervention_model(model, sae: SaeWire, features, settings: InterventionSettings):
+    """The patched clone of ``model`` that Apply Feature Intervention returns (``model`` itself when the edit
+    is neutral); ValueError on settings that do not fit the SAE, features or model."""
+    mode, target, edit, strength = settings.mode, settings.target, settings.edit, settings.strength
+    start_percent, end_percent = settings.start_percent, settings.end_percent
+    if mode not in MODES or edit not in EDITS:
+        raise ValueError(f"mode must be one of {MODES} and edit one of {EDITS}, got {mode!r} and {edit!r}")
+    if edit == "scale" and mode != "suppress" and not 0.0 <= strength <= STRENGTH_LIMIT:
+        raise ValueError(
+            f"strength {strength} is out of range for 'scale': use 0..{STRENGTH_LIMIT:g} "
+            "(1 = unchanged, 0 = remove the feature, 2 = double it)"
         )
-        if spec.is_identity:
-            return io.NodeOutput(model)
-        patched = add_intervention(
-            model,
-            hook,
-            sae.sae,
-            features,
-            spec,
-            weights=weights,
-            fixed=fixed,
-            seed=seed,
-            window=(start_percent, end_percent),
-            cond_only=cond_only,
+    if start_percent > end_percent:
+        raise ValueError(
+            f"start_percent {start_percent} is after end_percent {end_percent}: the edit "
+            "window would be empty; make start_percent <= end_percent"
         )
-        return io.NodeOutput(patched)
+    features.check_matches(sae.sae)
+    hook = parse_hook(sae.sae.hook)
+    check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
+    if not hook.is_unet and sae.sae.kernel_size != 1:
+        raise ValueError(
+            f"a {sae.sae.kernel_size}x{sae.sae.kernel_size}-kernel SAE codes spatial maps; "
+            f"DiT hook {hook.name!r} needs a per-token SAE (kernel 1)"
+        )
+    weights = parse_target(target, features.classes) if mode == "balance" else (1.0,) * features.num_classes
+    fixed = fixed_class(mode, target, features.classes)
+    spec = (
+        EditSpec(mode="ablate", top_k=settings.top_k)
+        if mode == "suppress"
+        else EditSpec(mode=edit, strength=float(strength), top_k=settings.top_k)
+    )
+    if spec.is_identity:
+        return model
+    return add_intervention(
+        model,
+        hook,
+        sae.sae,
+        features,
+        spec,
+        weights=weights,
+        fixed=fixed,
+        seed=settings.seed,
+        window=(start_percent, end_percent),
+        cond_only=settings.cond_only,
+    )

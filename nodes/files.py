@@ -1,4 +1,5 @@
-"""Where the plugin's files live: ComfyUI's ``models/sae`` folder (SAEs, and feature sets beside them).
+"""Where the plugin's files live: ComfyUI's ``models/sae`` folder (SAEs, and feature sets beside them), and
+``models/diffbias_classifiers`` (bias classifiers).
 
 SAE entries are native SAE files (``name.safetensors``) and published layout folders (``name/``: a
 ``cfg.json`` with ``sae.safetensors`` for sparsify and DiffLens, ``sae_weights.safetensors`` for SAELens),
@@ -49,6 +50,46 @@ def register_folder() -> None:
     )
     paths, extensions = folder_paths.folder_names_and_paths[SAE_FOLDER]
     folder_paths.folder_names_and_paths[SAE_FOLDER] = (paths, set(extensions) | {SAE_SUFFIX})
+
+
+CLASSIFIER_FOLDER = "diffbias_classifiers"
+"""ComfyUI model folder name of bias classifiers (``models/diffbias_classifiers``)."""
+
+
+def register_classifier_folder() -> None:
+    """Register ``models/diffbias_classifiers`` (first) for ``.safetensors`` classifier files."""
+    folder_paths.add_model_folder_path(
+        CLASSIFIER_FOLDER, os.path.join(folder_paths.models_dir, CLASSIFIER_FOLDER), is_default=True
+    )
+    paths, extensions = folder_paths.folder_names_and_paths[CLASSIFIER_FOLDER]
+    folder_paths.folder_names_and_paths[CLASSIFIER_FOLDER] = (paths, set(extensions) | {SAE_SUFFIX})
+
+
+def classifier_choices() -> list[str]:
+    """Classifier files (relative names) for the Load Bias Classifier combo."""
+    if CLASSIFIER_FOLDER not in folder_paths.folder_names_and_paths:
+        return []
+    return folder_paths.get_filename_list(CLASSIFIER_FOLDER)
+
+
+def resolve_classifier(name: str) -> str:
+    """Full path of a listed classifier file; FileNotFoundError saying where it was looked for."""
+    path = folder_paths.get_full_path(CLASSIFIER_FOLDER, name)
+    if path is None:
+        folders = folder_paths.get_folder_paths(CLASSIFIER_FOLDER)
+        raise FileNotFoundError(
+            f"classifier {name!r} is not in the classifier folders {folders}; train one with 'Train Bias "
+            "Classifier (DiffBias)' and save it with 'Save Bias Classifier (DiffBias)', or refresh the list ('r')"
+        )
+    return path
+
+
+def new_classifier_path(name: str) -> str:
+    """Where a classifier called ``name`` is written: the default classifier folder (created if missing)."""
+    name = check_name(name, "file name").removesuffix(SAE_SUFFIX)
+    folder = folder_paths.get_folder_paths(CLASSIFIER_FOLDER)[0]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name + SAE_SUFFIX)
 
 
 def sae_folders() -> list[str]:
@@ -169,19 +210,24 @@ def display_name(path: str) -> str:
 
 
 __all__ = [
+    "CLASSIFIER_FOLDER",
     "FEATURES_SUFFIX",
     "SHIPPED_FEATURES",
     "SHIPPED_SAES",
     "SAE_FOLDER",
     "check_name",
+    "classifier_choices",
     "display_name",
     "feature_choices",
     "features_path",
     "is_shipped",
     "missing_folder_message",
+    "new_classifier_path",
     "new_sae_path",
+    "register_classifier_folder",
     "register_folder",
     "resolve",
+    "resolve_classifier",
     "sae_choices",
     "shipped_path",
 ]

@@ -1,5 +1,5 @@
-"""The Measure Bias chart (Pillow): class shares against the target with Wilson intervals, and a strip of
-thumbnails with the class each image was given."""
+"""Charts of the measure stage (Pillow): Measure Bias (class shares against the target with Wilson intervals,
+and a strip of thumbnails with the class each image was given) and Calibrate Intervention (FD per trial)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ..diffbias_core.measure import MeasureReport
+from ..diffbias_core.measure import CalibrationResult, MeasureReport
 from .charts import BG, COLOURS, GRID, INK, chart_font
 
 WIDTH = 760
@@ -90,4 +90,42 @@ def measure_chart(report: MeasureReport, images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array).unsqueeze(0)  # (1, H, W, 3)
 
 
-__all__ = ["measure_chart"]
+def calibration_chart(result: CalibrationResult, tolerance: float) -> torch.Tensor:
+    """IMAGE (1, H, W, 3): FD of every calibration trial against its strength, the tolerance, the choice."""
+    height = 300
+    image = Image.new("RGB", (WIDTH, height), BG)
+    draw = ImageDraw.Draw(image)
+    text = chart_font()
+    draw.text((PAD, PAD), f"calibration: FD per trial; chosen strength {result.strength:.4g} (FD {result.fd:.4f}), "
+              f"{len(result.trials)} sampler runs", fill=INK, font=text)  # fmt: skip
+    left, right, top, bottom = PAD + 40, WIDTH - PAD, PAD + ROW + 10, height - PAD - ROW - 4
+    strengths = [t.strength for t in result.trials]
+    low, high = min(strengths), max(strengths)
+    high = high if high > low else low + 1.0
+    largest = max(max(t.fd for t in result.trials), tolerance, 1e-6) * 1.1
+
+    def x(s: float) -> int:
+        return left + int((right - left) * (s - low) / (high - low))
+
+    def y(fd: float) -> int:
+        return bottom - int((bottom - top) * fd / largest)
+
+    for level in (0.0, largest / 2, largest):
+        draw.line((left, y(level), right, y(level)), fill=GRID)
+        draw.text((PAD, y(level) - 6), f"{level:.3f}", fill=INK, font=text)
+    draw.line((left, y(tolerance), right, y(tolerance)), fill=(200, 30, 30), width=2)
+    draw.text((right - 120, y(tolerance) - 14), f"tolerance {tolerance:g}", fill=(200, 30, 30), font=text)
+    points = sorted((t.strength, t.fd) for t in result.trials)
+    draw.line([(x(s), y(f)) for s, f in points], fill=COLOURS[0], width=1)
+    for i, trial in enumerate(result.trials):
+        px, py = x(trial.strength), y(trial.fd)
+        chosen = trial.strength == result.strength
+        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=COLOURS[1] if chosen else COLOURS[0])
+        draw.text((px + 5, py - 12), str(i + 1), fill=INK, font=text)
+    draw.text((left, bottom + 4), f"strength {low:.3g}", fill=INK, font=text)
+    draw.text((right - 90, bottom + 4), f"{high:.3g}", fill=INK, font=text)
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(array).unsqueeze(0)  # (1, H, W, 3)
+
+
+__all__ = ["calibration_chart", "measure_chart"]

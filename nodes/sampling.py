@@ -70,6 +70,16 @@ def empty_latent(model, batch: int, width: int, height: int) -> Tensor:
     return comfy.sample.fix_empty_latent_channels(model, latent)
 
 
+def decode(vae, latent: Tensor) -> Tensor:
+    """IMAGE (B, H, W, 3) in [0, 1] of a denoised latent (B, C, h, w), as VAEDecode makes it."""
+    if vae is None:
+        raise ValueError("the VAE input is empty: connect the checkpoint's VAE to decode the sampled images")
+    images = vae.decode(latent)
+    if images.ndim == 5:  # video VAEs return (B, frames, H, W, 3)
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
 _NAMED = re.compile(r"^(?P<name>[^:]{1,40}):(?P<prompt>.+)$")
 
 
@@ -126,4 +136,4 @@ def sample(
     )
 
 
-__all__ = ["RunSettings", "class_prompts", "empty_latent", "encode", "prompt_lines", "sample"]
+__all__ = ["RunSettings", "class_prompts", "decode", "empty_latent", "encode", "prompt_lines", "sample"]

@@ -11,11 +11,10 @@ from .classifier import (
     ImageClassifier,
     LinearProbe,
     fit_probe,
-    load_probe,
-    save_probe,
 )
 from .measure import GroupFigures, MeasureReport, Preservation, measure, measure_images, preservation
-from .report import format_report, per_image_table
+from .probe_file import load_probe, save_probe
+from .report import format_fit, format_report, per_image_table
 
 __all__ = [
     "CalibrationConfig",
@@ -31,6 +30,7 @@ __all__ = [
     "Trial",
     "calibrate",
     "fit_probe",
+    "format_fit",
     "format_report",
     "load_probe",
     "measure",

@@ -7,40 +7,20 @@ the image.
 
 :class:`LinearProbe` is a multinomial logistic regression on L2-normalised, standardised image embeddings
 (e.g. CLIP vision ``image_embeds``), fitted deterministically (full-batch L-BFGS on a strictly convex loss)
-on a seeded, stratified split, with its held-out accuracy per class. File (``.safetensors``): tensors
-``weight`` (C, D), ``bias`` (C,), ``mean`` (D,), ``scale`` (D,), ``reference_embedding`` (D,) (the vision
-model's embedding of :func:`reference_image`, to recognise the model later); string metadata ``format``
-(``diffbias.classifier``), ``format_version``, ``classes`` (JSON list), ``embedding_width``,
-``vision_model`` and ``provenance`` (JSON object).
+on a seeded, stratified split, with its held-out accuracy per class; ``probe_file.py`` saves and loads it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from os import PathLike
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..formats import (
-    FormatError,
-    check_metadata_version,
-    check_weights,
-    expect_shapes,
-    read_header,
-    read_safetensors,
-    write_safetensors,
-)
-
-CLASSIFIER_FORMAT = "diffbias.classifier"
-"""Value of the ``format`` metadata key of a classifier file."""
-CLASSIFIER_VERSION = 1
-"""Version of the classifier layout this code writes (and the newest it reads)."""
 SAME_MODEL_COSINE = 0.99
 """Smallest cosine between the stored and the current reference embedding for "the same vision model"."""
 
@@ -307,6 +287,13 @@ def check_same_model(probe: LinearProbe, reference_now: Tensor, where: str) -> N
         )
 
 
+def embed_in_chunks(embed_fn: Callable[[Tensor], Tensor], images: Tensor, chunk: int) -> Tensor:
+    """``embed_fn`` over chunks of at most ``chunk`` images: (B, H, W, 3) -> (B, D) float32 on the CPU."""
+    step = max(int(chunk), 1)
+    parts = [embed_fn(images[i : i + step]) for i in range(0, images.shape[0], step)]
+    return torch.cat([p.detach().to("cpu", torch.float32) for p in parts])
+
+
 class EmbeddingClassifier:
     """An :class:`ImageClassifier`: a vision model's embedding, then a :class:`LinearProbe`.
 
@@ -325,77 +312,18 @@ class EmbeddingClassifier:
 
     def embed(self, images: Tensor) -> Tensor:
         """images: (B, H, W, 3) -> (B, D) float32 on the CPU."""
-        parts = [self._embed_fn(images[i : i + self._chunk]) for i in range(0, images.shape[0], self._chunk)]
-        return torch.cat([p.detach().to("cpu", torch.float32) for p in parts])
+        return embed_in_chunks(self._embed_fn, images, self._chunk)
 
     def probabilities(self, images: Tensor) -> Tensor:
         """images: (B, H, W, 3) -> (B, C) float32 class probabilities."""
         return self.probe.probabilities(self.embed(images))
 
-
-def save_probe(probe: LinearProbe, path: str | PathLike[str]) -> None:
-    """Write ``probe`` as one ``.safetensors`` file (atomically)."""
-    tensors = {"weight": probe.weight, "bias": probe.bias, "mean": probe.mean, "scale": probe.scale}
-    if probe.reference_embedding is not None:
-        tensors["reference_embedding"] = probe.reference_embedding
-    metadata = {
-        "format": CLASSIFIER_FORMAT,
-        "format_version": str(CLASSIFIER_VERSION),
-        "classes": json.dumps(list(probe.classes)),
-        "embedding_width": str(probe.embedding_width),
-        "vision_model": probe.vision_model,
-        "provenance": json.dumps(dict(probe.provenance), sort_keys=True),
-    }
-    write_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
-                      metadata, path)  # fmt: skip
-
-
-def _json_field(path: Any, metadata: Mapping[str, str], key: str, kind: type) -> Any:
-    try:
-        value = json.loads(metadata.get(key, ""))
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, kind):
-        raise FormatError(
-            f"{path}: metadata {key!r} must be a JSON {kind.__name__}, found {metadata.get(key)!r}"
-        )
-    return value
-
-
-def load_probe(path: str | PathLike[str]) -> LinearProbe:
-    """Load a classifier file written by :func:`save_probe`; FormatError naming the file on any problem."""
-    header, metadata = read_header(path)
-    check_metadata_version(path, metadata, CLASSIFIER_FORMAT, CLASSIFIER_VERSION)
-    classes = _json_field(path, metadata, "classes", list)
-    if (
-        len(classes) < 2
-        or not all(isinstance(c, str) and c for c in classes)
-        or len(set(classes)) != len(classes)
-    ):
-        raise FormatError(f"{path}: metadata 'classes' must list >= 2 distinct names, found {classes!r}")
-    width = metadata.get("embedding_width", "")
-    if not width.isdigit() or int(width) < 1:
-        raise FormatError(f"{path}: metadata 'embedding_width' must be a positive integer, found {width!r}")
-    c, d = len(classes), int(width)
-    shapes = {"weight": (c, d), "bias": (c,), "mean": (d,), "scale": (d,)}
-    if "reference_embedding" in header:
-        shapes["reference_embedding"] = (d,)
-    expect_shapes(path, header, shapes)
-    tensors, _ = read_safetensors(path)
-    check_weights(path, tensors)
-    if (tensors["scale"] <= 0).any():
-        raise FormatError(f"{path}: tensor 'scale' must be > 0 everywhere")
-    return LinearProbe(
-        tuple(classes), *(tensors[k].float() for k in ("weight", "bias", "mean", "scale")),
-        metadata.get("vision_model", "unknown"),
-        tensors["reference_embedding"].float() if "reference_embedding" in tensors else None,
-        _json_field(path, metadata, "provenance", dict),
-    )  # fmt: skip
+    def probabilities_of_embeddings(self, embeddings: Tensor) -> Tensor:
+        """embeddings: (B, D) from :meth:`embed` -> (B, C) float32 class probabilities."""
+        return self.probe.probabilities(embeddings)
 
 
 __all__ = [
-    "CLASSIFIER_FORMAT",
-    "CLASSIFIER_VERSION",
     "EmbeddingClassifier",
     "FitConfig",
     "FitReport",
@@ -403,9 +331,8 @@ __all__ = [
     "LinearProbe",
     "check_classifier",
     "check_same_model",
+    "embed_in_chunks",
     "fit_probe",
-    "load_probe",
     "reference_image",
-    "save_probe",
     "split_indices",
 ]

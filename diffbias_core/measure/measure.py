@@ -122,7 +122,9 @@ def preservation(
     pixel = (1.0 - difference.flatten(1).mean(1)).cpu()  # (B,)
     clip_i = None
     if embeddings is not None and twin_embeddings is not None:
-        cosine = F.cosine_similarity(embeddings.double(), twin_embeddings.double(), dim=-1)  # (B,)
+        cosine = F.cosine_similarity(embeddings.double(), twin_embeddings.double(), dim=-1).clamp(
+            -1.0, 1.0
+        )  # (B,)
         clip_i = ((cosine + 1.0) / 2.0).cpu()
     return Preservation(pixel, float(pixel.mean()), clip_i, None if clip_i is None else float(clip_i.mean()))
 
@@ -204,18 +206,28 @@ def measure_images(
 ) -> MeasureReport:
     """Classify ``images`` (B, H, W, 3) in [0, 1] and measure them (twins: the same shape, or None).
 
-    Uses the classifier's optional ``readable``, ``groups`` and ``embed`` when it has them.
+    Uses the classifier's optional ``readable``, ``groups`` and ``embed`` when it has them (images and twins
+    are embedded in one call; ``probabilities_of_embeddings``, when present, then classifies without embedding
+    the images again).
     """
     check_classifier(classifier)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (batch, height, width, 3), got {tuple(images.shape)}")
-    probs = classifier.probabilities(images)
     kept = None
-    if twins is not None:
+    if twins is None:
+        probs = classifier.probabilities(images)
+    else:
         if twins.shape != images.shape:
             preservation(images, twins)  # raises the message about mismatched twins
-        embeddings = _optional(classifier, "embed", images)
-        twin_embeddings = _optional(classifier, "embed", twins) if embeddings is not None else None
+        embeddings = twin_embeddings = None
+        if callable(getattr(classifier, "embed", None)):
+            both = classifier.embed(torch.cat([images, twins.to(images)]))  # one call for both: (2B, D)
+            embeddings, twin_embeddings = both[: images.shape[0]], both[images.shape[0] :]
+        from_embeddings = getattr(classifier, "probabilities_of_embeddings", None)
+        if embeddings is not None and callable(from_embeddings):
+            probs = from_embeddings(embeddings)
+        else:
+            probs = classifier.probabilities(images)
         kept = preservation(images, twins, embeddings, twin_embeddings)
     return measure(
         probs,

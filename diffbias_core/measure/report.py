@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from .classifier import FitReport
 from .measure import MeasureReport
+
+CHANCE_MARGIN = 0.5
+"""A probe whose mean held-out accuracy is below chance + this share of the way to 1 gets a warning."""
 
 
 def _share(value: float) -> str:
@@ -62,4 +68,22 @@ def per_image_table(report: MeasureReport) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["format_report", "per_image_table"]
+def format_fit(report: FitReport, classes: Sequence[str]) -> str:
+    """Held-out accuracy per class of a fitted probe, and a warning when it is near chance."""
+    chance = 1.0 / len(classes)
+    lines = [f"held-out accuracy (balanced) {report.mean_heldout_accuracy:.3f}, chance {chance:.3f}; "
+             f"training accuracy {report.train_accuracy:.3f}"]  # fmt: skip
+    for name, accuracy, held, train in zip(
+        classes, report.heldout_accuracy, report.heldout, report.train, strict=True
+    ):
+        lines.append(f"  {name}: {accuracy:.3f} on {held} held-out images ({train} used to fit)")
+    if report.mean_heldout_accuracy < chance + CHANCE_MARGIN * (1.0 - chance):
+        lines.append(
+            "WARNING: held-out accuracy is near chance: this vision model does not tell the classes apart in "
+            "these images, so the figures it measures mean little. Use more images per class, prompts that "
+            "differ more, or another vision model."
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["format_fit", "format_report", "per_image_table"]

@@ -4,7 +4,8 @@ Without it every test here is skipped with the reason printed. With it, a test h
 reported as a failure that names the test and the skip reason: nothing may silently skip against a
 ComfyUI (CI sets COMFYUI_PATH). The random-weight SD1.5 checkpoint
 (2 GB) is built once with ComfyUI's own classes and cached in $COMFYUI_TEST_CACHE (default: a
-``diffbias_comfy_cache`` folder in the system temp dir), outside the repository.
+``diffbias_comfy_cache`` folder in the system temp dir), outside the repository; so is the random-weight CLIP
+ViT-L/14 image encoder (600 MB) of the ``clip_vision`` fixture, built only for the tests that use it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ SKIP_REASON = (
     "ComfyUI; set COMFYUI_PATH=/path/to/ComfyUI to run them"
 )
 CHECKPOINT = "diffbias_random_sd15.safetensors"
+CLIP_VISION = "diffbias_random_clip_vit_l.safetensors"
+"""A random-weight CLIP ViT-L/14 image encoder (``make_clip_vision.py``), for the classifier nodes."""
 HERE = Path(__file__).resolve().parent
 
 
@@ -111,6 +114,20 @@ def server_base(tmp_path_factory, sd15_checkpoint) -> Path:
     write_error_files(base / "models" / "sae")
     write_sparsify_folder(base / "models" / "sae")
     return base
+
+
+@pytest.fixture(scope="session")
+def clip_vision(comfyui, cache_dir, server_base) -> str:
+    """The random ViT-L image encoder (cached beside the checkpoint), linked into the server's models/clip_vision."""
+    path = cache_dir / CLIP_VISION
+    if not path.is_file():
+        subprocess.run([sys.executable, str(HERE / "make_clip_vision.py"), str(path)], cwd=comfyui,
+                       env=comfy_env(comfyui), check=True, timeout=900)  # fmt: skip
+    folder = server_base / "models" / "clip_vision"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / CLIP_VISION).exists():
+        (folder / CLIP_VISION).symlink_to(path)
+    return CLIP_VISION
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,12 @@ NODE_IDS = (
     "DiffBiasSaveFeatures",
     "DiffBiasLoadFeatures",
     "DiffBiasPreviewFeatures",
+    "DiffBiasTrainClassifier",
+    "DiffBiasTrainClassifierFromImages",
+    "DiffBiasSaveClassifier",
+    "DiffBiasLoadClassifier",
     "DiffBiasMeasureBias",
+    "DiffBiasCalibrateIntervention",
     "DiffBiasLoadToyWorld",
     "DiffBiasToyWorldOracle",
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .comfy_server import execution_error
-from .conftest import CHECKPOINT
+from .conftest import CHECKPOINT, CLIP_VISION
 from .workflows import ui_to_api
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
@@ -32,6 +32,16 @@ TINY = {
     },
     "DiffBiasSaveFeatures": {"file_name": "tiny_trained.gender"},
     "DiffBiasAttributeFeatures": {"width": 64, "height": 64, "steps": 2, "samples": 3, "batch_size": 3},
+    "CLIPVisionLoader": {"clip_name": CLIP_VISION},
+    "DiffBiasTrainClassifier": {
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "samples": 2,
+        "batch_size": 2,
+        "holdout": 0.5,
+    },
+    "DiffBiasCalibrateIntervention": {"width": 64, "height": 64, "steps": 2, "batch_size": 2, "max_runs": 2},
 }
 
 
@@ -52,9 +62,11 @@ def test_examples_are_listed_as_templates(server):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
-def test_example_workflow_runs(server, path):
+def test_example_workflow_runs(server, path, request):
     object_info = server.get("/object_info")
     workflow = json.loads(path.read_text())
+    if any(node["type"] == "CLIPVisionLoader" for node in workflow["nodes"]):
+        request.getfixturevalue("clip_vision")  # the random ViT-L in models/clip_vision
     prompt = tiny(ui_to_api(workflow, object_info))
     ui_types = sorted(node["type"] for node in workflow["nodes"])
     assert sorted(node["class_type"] for node in prompt.values()) == ui_types
