@@ -17,9 +17,12 @@ from .classifiers import LoadClassifier, SaveClassifier, TrainClassifier, TrainC
 from .feature_files import LoadFeatures, PreviewFeatures, SaveFeatures
 from .load_sae import LoadSAE
 from .measure import MeasureBias
+from .toy_nodes import LoadToyWorld, ToyWorldOracle
 from .train_sae import TrainSAE
 
 NODES: list[type[io.ComfyNode]] = [
+    LoadToyWorld,
+    ToyWorldOracle,
     LoadSAE,
     TrainSAE,
     AttributeFeatures,

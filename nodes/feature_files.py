@@ -82,6 +82,8 @@ class LoadFeatures(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, features_name: str) -> bool | str:
+        if files.is_shipped(features_name):
+            return True
         missing = files.missing_folder_message()
         if missing is not None:
             return missing

@@ -14,8 +14,11 @@ import re
 
 import folder_paths
 
-from ..diffbias_core.formats import check_writable_name
-from ..diffbias_core.importers import WEIGHT_FILES
+from ..diffbias_core.formats import FormatError, check_writable_name
+from ..diffbias_core.importers import WEIGHT_FILES, layout_folder
+from ..diffbias_core.toy.demo import FEATURES_FILE as TOY_FEATURES_FILE
+from ..diffbias_core.toy.dissect import SAE_FILE as TOY_SAE_FILE
+from ..diffbias_core.toy.train import WEIGHTS_DIR as TOY_WEIGHTS_DIR
 
 SAE_FOLDER = "sae"
 """ComfyUI model folder name (``models/sae``)."""
@@ -23,6 +26,20 @@ FEATURES_SUFFIX = ".features.safetensors"
 """File name ending of feature-set files."""
 SAE_SUFFIX = ".safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
+SHIPPED_PREFIX = "toy_world/"
+"""List prefix of the files shipped with the plugin (the toy world's SAE and features), listed after the user's."""
+SHIPPED_SAES = (SHIPPED_PREFIX + TOY_SAE_FILE,)
+SHIPPED_FEATURES = (SHIPPED_PREFIX + TOY_FEATURES_FILE,)
+
+
+def shipped_path(file_name: str) -> str:
+    """Full path of a file shipped in the plugin's toy weights folder."""
+    return str(TOY_WEIGHTS_DIR / file_name)
+
+
+def is_shipped(name: str) -> bool:
+    """True for a list entry that names a shipped file (``toy_world/...``)."""
+    return name in SHIPPED_SAES or name in SHIPPED_FEATURES
 
 
 def register_folder() -> None:
@@ -108,12 +125,13 @@ def sae_choices() -> list[str]:
             label = _layout_label(name) or name
             if label not in choices:
                 choices.append(label)
-    return choices
+    return choices + [name for name in SHIPPED_SAES if name not in choices]
 
 
 def feature_choices() -> list[str]:
-    """Feature-set files (relative names) for the Load Features combo."""
-    return [name for name in _entries() if name.endswith(FEATURES_SUFFIX)]
+    """Feature-set files (relative names) for the Load Features combo; the shipped ones last."""
+    names = [name for name in _entries() if name.endswith(FEATURES_SUFFIX)]
+    return names + [name for name in SHIPPED_FEATURES if name not in names]
 
 
 def missing_folder_message() -> str | None:
@@ -130,7 +148,10 @@ def missing_folder_message() -> str | None:
 
 def resolve(name: str, what: str = "SAE") -> str:
     """Full path of a listed entry (a layout folder ``name/``: its weight file, which loads the folder);
-    FileNotFoundError saying where it was looked for and what to do."""
+    FileNotFoundError saying where it was looked for and what to do. Shipped entries resolve to the plugin's
+    own files (a file of the same name in the user's folder is not consulted)."""
+    if is_shipped(name):
+        return shipped_path(name.removeprefix(SHIPPED_PREFIX))
     missing = missing_folder_message()
     if missing is not None:
         raise FileNotFoundError(missing)
@@ -185,9 +206,14 @@ def free_path(path: str, tag: str) -> str:
 
 
 def features_path(sae_path: str, name: str) -> str:
-    """Where a feature set called ``name`` for the SAE at ``sae_path`` is written: beside that SAE."""
+    """Where a feature set called ``name`` for the SAE at ``sae_path`` is written: beside that SAE, or, for a
+    shipped SAE (the plugin's folder is not written to), in the default SAE folder (created if missing)."""
     name = check_name(name, "file name").removesuffix(FEATURES_SUFFIX).removesuffix(SAE_SUFFIX)
-    path = os.path.join(os.path.dirname(os.path.abspath(sae_path)), name + FEATURES_SUFFIX)
+    folder = os.path.dirname(os.path.abspath(sae_path))
+    if Path(folder) == TOY_WEIGHTS_DIR:
+        folder = sae_folders()[0]
+        os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name + FEATURES_SUFFIX)
     check_writable_name(path)
     return path
 
@@ -204,6 +230,8 @@ def display_name(path: str) -> str:
 __all__ = [
     "CLASSIFIER_FOLDER",
     "FEATURES_SUFFIX",
+    "SHIPPED_FEATURES",
+    "SHIPPED_SAES",
     "SAE_FOLDER",
     "check_name",
     "classifier_choices",
@@ -211,6 +239,7 @@ __all__ = [
     "feature_choices",
     "features_path",
     "free_path",
+    "is_shipped",
     "missing_folder_message",
     "new_classifier_path",
     "new_sae_path",
@@ -219,4 +248,5 @@ __all__ = [
     "resolve",
     "resolve_classifier",
     "sae_choices",
+    "shipped_path",
 ]

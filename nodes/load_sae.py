@@ -75,6 +75,8 @@ class LoadSAE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sae_name: str) -> bool | str:
+        if files.is_shipped(sae_name):
+            return True
         missing = files.missing_folder_message()
         if missing is not None:
             return missing

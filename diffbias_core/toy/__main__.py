@@ -1,7 +1,8 @@
 """``python -m diffbias_core.toy train``: train the toy diffusion model and its SAE (reproduces the shipped weights).
 
 ``train`` trains the UNet, measures the bias it learned (``toy_unet.json``) and then trains the SAE on
-its bottleneck; ``train-sae`` trains only the SAE, on the model already in the output folder.
+its bottleneck; ``train-sae`` trains only the SAE, on the model already in the output folder;
+``features`` attributes the colour features on that model and SAE (the shipped feature set).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..features import save_features
+from .demo import FEATURES_FILE, DemoConfig, attribute_colours
 from .dissect import SAE_FILE, ToySaeConfig, save_toy_sae, train_toy_sae
 from .train import MODEL_FILE, WEIGHTS_DIR, ToyTrainConfig, load_model, train_and_save
 
@@ -36,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
     train.add_argument("--skip-sae", action="store_true", help="do not train the SAE afterwards")
     sae = sub.add_parser("train-sae", help="train only the SAE, on the model in --out")
-    for p in (train, sae):
+    features = sub.add_parser(
+        "features",
+        help="attribute the colour features on the shipped model and SAE (the shipped feature set)",
+    )
+    for p in (train, sae, features):
         p.add_argument(
             "--seed", type=int, default=0, help="seed of data, noise and initialisation (default 0)"
         )
@@ -48,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.command == "features":
+        found = attribute_colours(DemoConfig(seed=args.seed, show_progress=False))
+        save_features(found, args.out / FEATURES_FILE)
+        print(json.dumps({"features": str(args.out / FEATURES_FILE), "classes": found.classes,
+                          "top_5": {c: found.ids[i][:5].tolist() for i, c in enumerate(found.classes)}}))  # fmt: skip
+        return 0
     if args.command == "train":
         config = ToyTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
         report = train_and_save(config, args.out)

@@ -120,10 +120,13 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     report_path = args.json or out / "report.json"
     write_json(result.report, report_path)
-    save_grid(result.images, result.shape, out / "twins.png")
-    save_charts(result.report, out / "charts.png")
+    drawn = save_grid(result.images, result.shape, out / "twins.png")
+    drawn = save_charts(result.report, out / "charts.png") and drawn
     print(_summary(result.report))
-    print(f"\nreport: {report_path}\npictures: {out / 'twins.png'}, {out / 'charts.png'}")
+    pictures = (
+        f"{out / 'twins.png'}, {out / 'charts.png'}" if drawn else "not drawn (Pillow is not installed)"
+    )
+    print(f"\nreport: {report_path}\npictures: {pictures}")
     print(f"seconds: {json.dumps(result.report['seconds'])}")
     return 0
 

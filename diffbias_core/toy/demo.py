@@ -30,14 +30,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.attribution import AttributionConfig, attribute
-from diffbias_core.features import FeatureSet
-from diffbias_core.intervention import EditSpec, assign_classes
-from diffbias_core.probes import ProbeConfig, fit_probes
-from diffbias_core.progress import Progress
-from diffbias_core.sae import SparseAutoencoder
-
+from ..activations import MemorySource, make_batch
+from ..attribution import AttributionConfig, attribute
+from ..features import FeatureSet
+from ..intervention import EditSpec, assign_classes
+from ..probes import ProbeConfig, fit_probes
+from ..progress import Progress
+from ..sae import SparseAutoencoder
 from . import world as W
 from .diffusion import initial_noise
 from .dissect import SAE_FILE, ToySaeConfig, load_toy_sae, train_toy_sae
@@ -197,6 +196,24 @@ def _attribute(sae: SparseAutoencoder, source: MemorySource, config: DemoConfig,
     return features, random, facts
 
 
+FEATURES_FILE = "toy_world.colour.features.safetensors"
+"""File name of the shipped colour feature set (on the shipped SAE) in the weights folder."""
+
+
+def attribute_colours(config: DemoConfig = DemoConfig()) -> FeatureSet:
+    """The colour features the demo finds (top 100 per colour by integrated gradients) on its model and SAE.
+
+    ``python -m diffbias_core.toy features`` writes them for the shipped model and SAE as FEATURES_FILE.
+    """
+    stage = _Stage(config.show_progress)
+    model, _, sae, _ = _model_and_sae(config, stage)
+    source, _, _ = _attribution_data(model, config, stage)
+    features, _, _ = _attribute(sae, source, config, stage)
+    facts = {"source": "diffbias_core.toy.demo.attribute_colours", "seed": str(config.seed),
+             "pairs_per_shape": str(config.pairs), "sampling_steps": str(config.steps)}  # fmt: skip
+    return replace(features, provenance={**features.provenance, **facts})
+
+
 def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     """Run every stage and return the report and the images.
 
@@ -308,4 +325,4 @@ def _report(config: DemoConfig, world: W.WorldConfig, before: dict[str, Any], fi
     }
 
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["FEATURES_FILE", "DemoConfig", "DemoResult", "attribute_colours", "run_demo"]

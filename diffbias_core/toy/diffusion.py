@@ -30,6 +30,29 @@ def alpha_sigma(t: Tensor) -> tuple[Tensor, Tensor]:
     return alpha, sigma
 
 
+SIGMA_MAX = 10000.0
+"""Largest noise level of the schedule in the sigma-over-alpha ("EDM") form that ComfyUI samples in:
+sigma(t) = sigma_vp(t) / alpha(t) is infinite at t = 1, so t = 1 (pure noise) stands at this sigma (large
+enough that the first step matches pure noise closely, small enough for float32 Euler steps)."""
+
+
+def edm_sigma(t: Tensor) -> Tensor:
+    """Noise level in the form x = x0 + sigma noise: sigma_vp / alpha, capped at SIGMA_MAX. t: any shape."""
+    angle = 0.5 * math.pi * (t.double() + _OFFSET) / (1 + _OFFSET)
+    return (
+        torch.tan(angle.clamp(max=0.5 * math.pi))
+        .clamp(0.0, SIGMA_MAX)
+        .to(t.dtype if t.is_floating_point() else torch.float32)
+    )
+
+
+def edm_time(sigma: Tensor) -> Tensor:
+    """Inverse of :func:`edm_sigma`: the time t in [0, 1] of a noise level (SIGMA_MAX and above: t = 1)."""
+    angle = torch.atan(sigma.double())  # alpha = cos(angle), sigma_vp = sin(angle)
+    t = (angle * 2 / math.pi * (1 + _OFFSET) - _OFFSET).clamp(0.0, 1.0)
+    return torch.where(sigma.double() >= SIGMA_MAX, torch.ones_like(t), t).to(sigma.dtype)
+
+
 def colour_basis(chroma_scale: float) -> Tensor:
     """(3, 3) matrix from RGB to model space: rows brightness, gamma * chroma 1, gamma * chroma 2."""
     basis = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]])
@@ -144,12 +167,15 @@ def sample_in_chunks(
 
 
 __all__ = [
+    "SIGMA_MAX",
     "ChunkCallback",
     "StepCallback",
     "alpha_sigma",
     "chroma_scale_of",
     "colour_basis",
     "ddim_sample",
+    "edm_sigma",
+    "edm_time",
     "initial_noise",
     "sample_in_chunks",
     "timesteps",

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from diffbias_core.formats import load_sae, save_sae
-from diffbias_core.progress import Progress
-from diffbias_core.sae import SparseAutoencoder
-from diffbias_core.train import SaeTrainer, TrainConfig
-
+from ..formats import load_sae, save_sae
+from ..progress import Progress
+from ..sae import SparseAutoencoder
+from ..train import SaeTrainer, TrainConfig
 from . import world as W
 from .diffusion import initial_noise
 from .model import MODEL_FAMILY, ToyUNet

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffbias_core.features import FeatureSet
-from diffbias_core.intervention import EditSpec, edit_map, feature_table
-from diffbias_core.sae import SparseAutoencoder
-
+from ..features import FeatureSet
+from ..intervention import EditSpec, edit_map, feature_table
+from ..sae import SparseAutoencoder
 from .sampling import Captured, EditFn, StepContext, in_window
 
 

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffbias_core.metrics import class_proportions, fairness_discrepancy
-
+from ..metrics import class_proportions, fairness_discrepancy
 from .oracles import Reading, mask_iou
 from .world import COLOURS, SHAPES
 

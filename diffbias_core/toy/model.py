@@ -140,6 +140,35 @@ class MiddleBlock(nn.Module):
         return self.res2(x, temb)
 
 
+def embed_tokens(token_embedding: nn.Embedding, position_embedding: Tensor, prompt: Tensor) -> Tensor:
+    """The prompt embedding. prompt: (B, T) int64 ids -> (B, T, text_dim): token plus position embedding."""
+    return token_embedding(prompt) + position_embedding[: prompt.shape[1]]
+
+
+class BlockSeams:
+    """Places between the UNet's blocks where a caller may act (identity here; a subclass overrides).
+
+    :meth:`ToyUNet.denoise` calls ``enter(stage, index)`` before each block (stage ``input``,
+    ``middle`` or ``output``), ``after_input`` on each input block's output and ``before_output`` on
+    what enters each output block (the running activation and the skip it is concatenated with).
+    Output block 0 receives the middle block's output: hook point ``unet.middle``.
+    """
+
+    def enter(self, stage: str, index: int) -> None:
+        """Called before block ``index`` of ``stage`` runs."""
+
+    def after_input(self, index: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h: (B, C, H, W) output of input block ``index`` -> (the skip kept, the activation going on)."""
+        return h, h
+
+    def before_output(self, index: int, h: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        """h, skip: (B, C, H, W) entering output block ``index`` -> (h, skip), possibly changed."""
+        return h, skip
+
+
+_NO_SEAMS = BlockSeams()
+
+
 class ToyUNet(nn.Module):
     """Conditional v-prediction UNet for the toy world. See the module docstring for the layout."""
 
@@ -166,22 +195,41 @@ class ToyUNet(nn.Module):
         self.norm_out = _norm(c0)
         self.conv_out = nn.Conv2d(c0, 3, 3, padding=1)
 
+        # The blocks in order (plain tuples: the modules stay registered once, under the names above).
+        self.input_blocks = ((self.conv_in, self.down0), (self.pool0, self.down1), (self.pool1, self.down2))
+        """Per input block: (the layer in front, the ResBlock); block i's output is skip i."""
+        self.output_blocks = ((self.up2, self.unpool1), (self.up1, self.unpool0), (self.up0,))
+        """Per output block: the ResBlock on [h, skip] (concatenated), then the upsampling layer if any."""
+
     def embed_prompt(self, prompt: Tensor) -> Tensor:
         """prompt: (B, PROMPT_LENGTH) int64 token ids -> (B, PROMPT_LENGTH, text_dim)."""
-        return self.token_embedding(prompt) + self.position_embedding
+        return embed_tokens(self.token_embedding, self.position_embedding, prompt)
 
     def forward(self, x: Tensor, t: Tensor, prompt: Tensor) -> Tensor:
         """x: (B, 3, S, S) noisy image, t: (B,) in [0, 1], prompt: (B, PROMPT_LENGTH) -> v (B, 3, S, S)."""
+        return self.denoise(x, t, self.embed_prompt(prompt))
+
+    def denoise(self, x: Tensor, t: Tensor, context: Tensor, seams: BlockSeams | None = None) -> Tensor:
+        """The network on an embedded prompt, with ``seams`` called between the blocks.
+
+        x: (B, 3, S, S), t: (B,) in [0, 1], context: (B, T, text_dim) -> v (B, 3, S, S).
+        """
+        seams = seams or _NO_SEAMS
         temb = self.time_mlp(timestep_embedding(t, self.config.time_dim).to(x.dtype))
-        context = self.embed_prompt(prompt)
-        s0 = self.down0(self.conv_in(x), temb)
-        s1 = self.down1(self.pool0(s0), temb)
-        s2 = self.down2(self.pool1(s1), temb)
-        h = self.middle(s2, temb, context)
-        u = self.up2(torch.cat([h, s2], 1), temb)
-        u = self.up1(torch.cat([self.unpool1(u), s1], 1), temb)
-        u = self.up0(torch.cat([self.unpool0(u), s0], 1), temb)
-        return self.conv_out(F.silu(self.norm_out(u)))
+        skips = []
+        h = x
+        for index, (layer, res) in enumerate(self.input_blocks):
+            seams.enter("input", index)
+            skip, h = seams.after_input(index, res(layer(h), temb))
+            skips.append(skip)
+        seams.enter("middle", 0)
+        h = self.middle(h, temb, context)
+        for index, (res, *up) in enumerate(self.output_blocks):
+            seams.enter("output", index)
+            h, skip = seams.before_output(index, h, skips.pop())
+            h = res(torch.cat([h, skip], 1), temb)
+            h = up[0](h) if up else h
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 def hook_module(model: ToyUNet, hook: str) -> nn.Module:
@@ -196,4 +244,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["HOOK_MODULES", "MODEL_FAMILY", "ToyUNet", "UNetConfig", "count_parameters", "hook_module"]
+__all__ = [
+    "HOOK_MODULES",
+    "MODEL_FAMILY",
+    "BlockSeams",
+    "ToyUNet",
+    "embed_tokens",
+    "UNetConfig",
+    "count_parameters",
+    "hook_module",
+]

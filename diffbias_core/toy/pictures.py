@@ -1,6 +1,7 @@
 """PNG outputs of the demo, drawn with Pillow: a grid of before/after twins and bar charts.
 
-Pillow is optional (the ``charts`` extra): without it the pictures are skipped with a logged message.
+Pillow is a dependency of the package; where it is missing anyway, the pictures are skipped with a logged
+message and the demo says they were not drawn.
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffbias_core.hooks import edit_outputs
-
+from ..hooks import edit_outputs
 from .diffusion import sample_in_chunks
 from .model import HOOK_MODULES, ToyUNet
 

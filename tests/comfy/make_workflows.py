@@ -3,6 +3,7 @@
     python tests/comfy/make_workflows.py http://127.0.0.1:8188
 
 The graphs are the source of truth for the example workflows; test_workflows.py runs the written files.
+The toy world's two (toy_workflows.py) run as shipped, with no files to download, and come first.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from workflows import build_ui
+from toy_workflows import TOY_WORKFLOWS
+from workflows import build_ui, stack_columns
 
 OUT = Path(__file__).resolve().parents[2] / "example_workflows"
 CKPT = "v1-5-pruned-emaonly.safetensors"
 SAE = "sd15_hspace.safetensors"
+"""The SAE dissect_from_scratch trains and the other SD1.5 examples load."""
+GENDER = "sd15_hspace.gender.features.safetensors"
+"""The gender features dissect_from_scratch saves and the other SD1.5 examples load."""
+RACE = "sd15_hspace.race.features.safetensors"
 PROMPT = "a photo of the face of a firefighter"
 NEGATIVE = "blurry, lowres"
 
@@ -91,7 +97,7 @@ def debiased_txt2img() -> list[dict]:
             "id": 3,
             "type": "DiffBiasLoadFeatures",
             "pos": (40, 420),
-            "widgets": {"features_name": "sd15_hspace.gender.features.safetensors"},
+            "widgets": {"features_name": GENDER},
         },
         {
             "id": 4,
@@ -123,7 +129,7 @@ def dissect_from_scratch() -> list[dict]:
                 "hook": "unet.middle",
                 "latents": 5120,
                 "k": 32,
-                "file_name": "sd15_hspace_trained",
+                "file_name": SAE.removesuffix(".safetensors"),
             },
             "links": {"model": (1, "MODEL"), "clip": (1, "CLIP")},
         },
@@ -147,7 +153,7 @@ def dissect_from_scratch() -> list[dict]:
             "id": 4,
             "type": "DiffBiasSaveFeatures",
             "pos": (1220, 520),
-            "widgets": {"file_name": "gender"},
+            "widgets": {"file_name": GENDER.removesuffix(".features.safetensors")},
             "links": {"features": (3, "features"), "sae": (2, "sae")},
         },
         {"id": 5, "type": "PreviewImage", "pos": (1220, 680), "links": {"images": (3, "chart")}},
@@ -178,14 +184,14 @@ def two_attributes() -> list[dict]:
             "type": "DiffBiasLoadFeatures",
             "pos": (40, 420),
             "title": "Gender features",
-            "widgets": {"features_name": "sd15_hspace.gender.features.safetensors"},
+            "widgets": {"features_name": GENDER},
         },
         {
             "id": 4,
             "type": "DiffBiasLoadFeatures",
             "pos": (40, 560),
             "title": "Race features",
-            "widgets": {"features_name": "sd15_hspace.race.features.safetensors"},
+            "widgets": {"features_name": RACE},
         },
         {
             "id": 5,
@@ -212,6 +218,7 @@ def two_attributes() -> list[dict]:
 
 
 WORKFLOWS = {
+    **TOY_WORKFLOWS,
     "debiased_txt2img": debiased_txt2img,
     "dissect_from_scratch": dissect_from_scratch,
     "two_attributes_stacked": two_attributes,
@@ -225,7 +232,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     for name, graph in WORKFLOWS.items():
         path = OUT / f"{name}.json"
-        path.write_text(json.dumps(build_ui(graph(), object_info), indent=1) + "\n")
+        path.write_text(json.dumps(stack_columns(build_ui(graph(), object_info)), indent=1) + "\n")
         print(f"wrote {path}")
 
 

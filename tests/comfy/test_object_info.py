@@ -16,6 +16,8 @@ NODE_IDS = (
     "DiffBiasLoadClassifier",
     "DiffBiasMeasureBias",
     "DiffBiasCalibrateIntervention",
+    "DiffBiasLoadToyWorld",
+    "DiffBiasToyWorldOracle",
 )
 
 
@@ -65,6 +67,9 @@ def test_sae_folder_is_listed(server):
     assert "sd15_hspace.safetensors" in options
     assert "sparsify_sd15/" in options, "a published layout folder is listed as 'name/'"
     assert "sparsify_sd15/sae.safetensors" not in options
+    assert options[-1] == "toy_world/toy_sae.safetensors", (
+        "the shipped toy SAE is listed after the user's files"
+    )
     assert not [name for name in options if name.endswith(".features.safetensors")]
 
 
@@ -83,3 +88,23 @@ def test_imported_folder_loads_with_a_hook_given(server):
     assert execution_error(entry) is None, execution_error(entry)
     assert entry["outputs"]["2"]["text"] == ["unet.output.1"]
     assert entry["outputs"]["3"]["text"] == ["1280"]
+
+
+def test_shipped_toy_files_are_listed_and_load_without_an_sae_folder_entry(server):
+    from .comfy_server import execution_error
+
+    info = server.get("/object_info/DiffBiasLoadFeatures")["DiffBiasLoadFeatures"]
+    choices = info["input"]["required"]["features_name"]
+    options = choices[1].get("options", choices[0]) if len(choices) > 1 else choices[0]
+    assert options[-1] == "toy_world/toy_world.colour.features.safetensors"
+    prompt = {
+        "1": {"class_type": "DiffBiasLoadSAE", "inputs": {"sae_name": "toy_world/toy_sae.safetensors"}},
+        "2": {"class_type": "DiffBiasLoadFeatures",
+              "inputs": {"features_name": "toy_world/toy_world.colour.features.safetensors"}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["1", 5]}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+    }  # fmt: skip
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert entry["outputs"]["3"]["text"] == ["toy"]
+    assert entry["outputs"]["4"]["text"] == ["red,green,blue"]

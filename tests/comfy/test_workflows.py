@@ -28,7 +28,9 @@ TINY = {
         "batch_size": 2,
         "latents": 256,
         "k": 8,
+        "file_name": "tiny_trained",  # not the name the other examples load: the test's SAE files stay as made
     },
+    "DiffBiasSaveFeatures": {"file_name": "tiny_trained.gender"},
     "DiffBiasAttributeFeatures": {"width": 64, "height": 64, "steps": 2, "samples": 3, "batch_size": 3},
     "CLIPVisionLoader": {"clip_name": CLIP_VISION},
     "DiffBiasTrainClassifier": {

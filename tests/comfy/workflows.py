@@ -10,6 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NODE_WIDTH = 320
+GAP = 40
+"""Vertical space left between two nodes of a column."""
+
+
+def node_height(widgets: int, linked_inputs: int, spec: dict) -> int:
+    """Saved height of a node: the frontend draws the input and output sockets side by side, then the
+    widgets (a multiline text widget is taller), so the taller socket column counts."""
+    sockets = max(linked_inputs, len(spec["output"]))
+    multiline = sum(
+        1
+        for group in ("required", "optional")
+        for entry in spec["input"].get(group, {}).values()
+        if len(entry) > 1 and isinstance(entry[1], dict) and entry[1].get("multiline")
+    )
+    return 40 + 24 * sockets + 26 * widgets + 60 * multiline
 
 
 def _ordered_inputs(spec: dict) -> list[tuple[str, list]]:
@@ -95,7 +111,7 @@ def build_ui(graph: list[dict], object_info: dict) -> dict:
                 "id": node["id"],
                 "type": node["type"],
                 "pos": list(node["pos"]),
-                "size": list(node.get("size", (320, 60 + 26 * (len(values) + len(inputs))))),
+                "size": list(node.get("size", (NODE_WIDTH, node_height(len(values), len(inputs), spec)))),
                 "flags": {},
                 "order": order,
                 "mode": 0,
@@ -138,3 +154,16 @@ def _widget_value(node: dict, name: str, input_spec: list):
         return options["default"]
     choices = input_spec[0] if isinstance(input_spec[0], list) else options.get("options", [])
     return choices[0] if choices else None
+
+
+def stack_columns(workflow: dict) -> dict:
+    """Move nodes down so that none overlaps the one above it in its column (same x), keeping their order."""
+    columns: dict[float, list[dict]] = {}
+    for node in workflow["nodes"]:
+        columns.setdefault(node["pos"][0], []).append(node)
+    for nodes in columns.values():
+        nodes.sort(key=lambda node: node["pos"][1])
+        for above, node in zip(nodes, nodes[1:], strict=False):
+            bottom = above["pos"][1] + above["size"][1] + GAP
+            node["pos"][1] = max(node["pos"][1], bottom)
+    return workflow
