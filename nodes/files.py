@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import folder_paths
 
-from ..diffbias_core.formats import FormatError, check_writable_name
-from ..diffbias_core.importers import WEIGHT_FILES, layout_folder
+from ..diffbias_core.formats import check_writable_name
+from ..diffbias_core.importers import WEIGHT_FILES
 from ..diffbias_core.toy.demo import FEATURES_FILE as TOY_FEATURES_FILE
 from ..diffbias_core.toy.dissect import SAE_FILE as TOY_SAE_FILE
 from ..diffbias_core.toy.train import WEIGHTS_DIR as TOY_WEIGHTS_DIR
