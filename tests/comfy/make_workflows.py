@@ -158,6 +158,22 @@ def dissect_from_scratch() -> list[dict]:
         },
         {"id": 5, "type": "PreviewImage", "pos": (1220, 680), "links": {"images": (3, "chart")}},
         {
+            "id": 20,
+            "type": "PreviewAny",
+            "pos": (820, 640),
+            "title": "Report: Train Bias SAE",
+            "size": (360, 260),
+            "links": {"source": (2, "report")},
+        },
+        {
+            "id": 21,
+            "type": "PreviewAny",
+            "pos": (820, 940),
+            "title": "Report: Attribute Bias Features",
+            "size": (360, 260),
+            "links": {"source": (3, "report")},
+        },
+        {
             "id": 6,
             "type": "DiffBiasApplyIntervention",
             "pos": (1220, 40),

@@ -147,6 +147,10 @@ def toy_world_dissect() -> list[dict]:
         {"id": 4, "type": "DiffBiasApplyIntervention", "pos": (40, 2040), "size": (340, 420),
          "widgets": DISSECT_INTERVENTION, "links": {"model": (1, "MODEL"), "sae": (2, "sae"), "features": (3, "features")}},
         *_sampling_tail((4, "MODEL"), 420),
+        {"id": 50, "type": "PreviewAny", "pos": (420, 1200), "title": "Report: Train Bias SAE", "size": (340, 300),
+         "links": {"source": (2, "report")}},
+        {"id": 51, "type": "PreviewAny", "pos": (420, 1540), "title": "Report: Attribute Bias Features",
+         "size": (340, 300), "links": {"source": (3, "report")}},
     ]  # fmt: skip
 
 
