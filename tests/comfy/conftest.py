@@ -107,6 +107,23 @@ def sd15_checkpoint(comfyui, cache_dir) -> Path:
     return path
 
 
+def run_comfy_script(comfyui: str, script: str, *args: str, timeout: float = 900) -> str:
+    """Run a script of this folder in a ComfyUI process; returns its stdout (raises with its output)."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / script), *args],
+        cwd=comfyui,
+        env=comfy_env(comfyui),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result.stdout
+
+
 @pytest.fixture(scope="session")
 def server_base(tmp_path_factory, sd15_checkpoint) -> Path:
     """A ComfyUI base directory: the plugin in custom_nodes, the checkpoint, an SAE folder with test files."""
