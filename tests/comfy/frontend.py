@@ -191,9 +191,12 @@ class Frontend:
         )
 
     def widgets(self) -> dict[str, list[dict]]:
-        """Per node id: its widgets in order, each {name, type, value, options (combo), min, max}."""
+        """Per node id: the widgets a saved workflow stores, in order, each {name, type, value, options (combo),
+        min, max}. Display-only widgets that the frontend never saves (``serialize === false``, e.g. Preview
+        Any's ``preview`` text) are left out, as they are from the file's ``widgets_values``."""
         return self.evaluate(
-            """() => Object.fromEntries(app.graph.nodes.map(node => [String(node.id), (node.widgets ?? []).map(w => {
+            """() => Object.fromEntries(app.graph.nodes.map(node => [String(node.id),
+                (node.widgets ?? []).filter(w => w.serialize !== false).map(w => {
                 const values = w.options?.values;
                 return {name: w.name, type: w.type, value: w.value,
                         options: typeof values === 'function' ? values() : (values ?? null),

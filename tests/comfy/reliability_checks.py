@@ -26,7 +26,8 @@ import comfy.patcher_extension  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
-from make_checkpoint import randomize_, sd15_unet_config  # noqa: E402  (this script's folder is on sys.path)
+from cancel import interrupt_when_progress_passes  # noqa: E402  (this script's folder is on sys.path)
+from make_checkpoint import randomize_, sd15_unet_config  # noqa: E402
 
 import nodes  # noqa: E402  (ComfyUI's own nodes module)
 
@@ -144,10 +145,19 @@ def check_cancel_keeps_existing(mapping) -> dict:
         save_features(features, folder / "my_sae.gender.features.safetensors")
         before = (folder / "my_sae.safetensors").read_bytes()
         model = small_unet()
-        interrupt_at_model_call(model, 4 * 4 + 2)  # in the 5th of 6 runs (one model call per step)
-        out["interrupted"] = run_interrupted(
+        calls = interrupt_at_model_call(model, 4 * 4 + 2)  # in the 5th of 6 runs (one model call per step)
+        out["sampling_interrupted"] = run_interrupted(
             lambda: mapping["DiffBiasTrainSAE"].execute(model, PromptClip(), **train_inputs())
         )
+        out["sampling_model_calls"] = len(calls)
+        out["sampling_unchanged"] = (folder / "my_sae.safetensors").read_bytes() == before
+        out["sampling_files"] = sorted(p.name for p in folder.iterdir())
+        inputs = train_inputs()
+        sampling_units = inputs["images"] // inputs["batch_size"] * inputs["steps"]
+        with interrupt_when_progress_passes(sampling_units):  # Cancel once training has begun
+            out["interrupted"] = run_interrupted(
+                lambda: mapping["DiffBiasTrainSAE"].execute(small_unet(), PromptClip(), **inputs)
+            )
         out["existing_unchanged"] = (folder / "my_sae.safetensors").read_bytes() == before
         out["features_still_match"] = True
         try:

@@ -22,10 +22,16 @@ def results(comfyui) -> dict:
 
 
 def test_reliability_cancel_never_replaces_an_existing_sae(results):
-    """Case 1: cancelling Train Bias SAE keeps the SAE of that name and its feature sets; the partial
-    result goes to <name>.cancelled.safetensors."""
+    """Case 1: cancelling Train Bias SAE keeps the SAE of that name and its feature sets: while it samples
+    nothing is written; while it trains the partial result goes to <name>.cancelled.safetensors."""
     out = results["cancel_keeps_existing"]
-    assert out["interrupted"]
+    assert out["sampling_interrupted"], "Cancel while sampling did not stop Train Bias SAE"
+    assert out["sampling_model_calls"] < 24, (
+        f"sampling went on after Cancel: {out['sampling_model_calls']} calls"
+    )
+    assert out["sampling_unchanged"], "Cancel while sampling changed the existing SAE"
+    assert out["sampling_files"] == ["my_sae.gender.features.safetensors", "my_sae.safetensors"], out
+    assert out["interrupted"], "Cancel while training did not stop Train Bias SAE"
     assert out["partial_written"], out["files"]
     assert out["partial_steps"] > 0
     assert out["existing_unchanged"]
