@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_INPUTS = {"PreviewAny": {"preview": ""}}
+"""Inputs the frontend (1.27.10) adds on its own to core nodes, not in /object_info and not saved in the
+workflow, with the value its ``graphToPrompt()`` sends (Preview Any's read-only text box; the server ignores it)."""
 NODE_WIDTH = 320
 GAP = 40
 """Vertical space left between two nodes of a column."""
@@ -72,6 +75,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 if link is None and index < len(values):
                     inputs[name] = values[index]
                 index += 1 + (1 if has_control(name, input_spec) else 0)
+        inputs.update(FRONTEND_INPUTS.get(node["type"], {}))
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
