@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.sae import fvu
-from diffbias_core.train import TrainConfig, train_sae
+from diffbias_core.dissect.activations import MemorySource, make_batch
+from diffbias_core.dissect.train import TrainConfig, train_sae
+from diffbias_core.sae.model import fvu
 
 SEQ = 64  # tokens per "sequence" fed to sparsify (one 8 x 8 map)
 

@@ -3,9 +3,8 @@
 Pure torch + safetensors (+ numpy, einops); never imports ComfyUI. See DESIGN in the README.
 """
 
-from .features import FeatureSet, load_features, save_features
-from .formats import FormatError, load_sae, sae_metadata, save_sae
-from .intervention import (
+from .attribute.features import FeatureSet, load_features, save_features
+from .intervene.intervention import (
     SUPPRESS,
     EditSpec,
     FeatureTable,
@@ -16,8 +15,9 @@ from .intervention import (
     parse_target,
     rows_for_images,
 )
-from .metrics import Proportions, class_proportions, fairness_discrepancy, kl_to_target
-from .sae import SparseAutoencoder, SparseCode
+from .measure.metrics import Proportions, class_proportions, fairness_discrepancy, kl_to_target
+from .sae.formats import FormatError, load_sae, sae_metadata, save_sae
+from .sae.model import SparseAutoencoder, SparseCode
 
 __all__ = [
     "SUPPRESS",

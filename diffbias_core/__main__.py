@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = (".cli_info", ".cli_dissect", ".toy.cli")
+COMMAND_MODULES = (".cli.info", ".cli.dissect", ".toy.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

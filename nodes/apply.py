@@ -7,7 +7,7 @@ from typing import NamedTuple
 from comfy_api.latest import io
 
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
-from ..diffbias_core.features import check_top_k
+from ..diffbias_core.attribute.features import check_top_k
 from .model_info import check_hook, parse_hook
 from .patching import add_intervention
 from .widgets import seed_input

@@ -12,11 +12,11 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import SparseAutoencoder
-from ..diffbias_core.activations import ActivationBatch, MemorySource, concat_batches, make_batch
-from ..diffbias_core.attribution import AttributionConfig, attribute
-from ..diffbias_core.memory import activation_bytes, check_fits, format_bytes
-from ..diffbias_core.probes import ProbeConfig, fit_probes
-from ..diffbias_core.progress import Cancelled
+from ..diffbias_core.attribute.attribution import AttributionConfig, attribute
+from ..diffbias_core.attribute.probes import ProbeConfig, fit_probes
+from ..diffbias_core.base.memory import activation_bytes, check_fits, format_bytes
+from ..diffbias_core.base.progress import Cancelled
+from ..diffbias_core.dissect.activations import ActivationBatch, MemorySource, concat_batches, make_batch
 from .charts import feature_chart, features_report
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder

@@ -6,7 +6,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..diffbias_core.intervention import parse_target
+from ..diffbias_core.intervene.intervention import parse_target
 from ..diffbias_core.measure import CalibrationConfig, calibrate, measure_images
 from ..diffbias_core.measure.classifier import check_classifier
 from .apply import EDITS, STRENGTH_LIMIT, InterventionSettings, fixed_class, intervention_model

@@ -118,7 +118,7 @@ def feature_chart(features: FeatureSet, top_k: int, accuracy: Sequence[float] | 
 def features_report(features: FeatureSet, top_k: int) -> tuple[str, list[str]]:
     """(text, warnings): the probe test and accuracy per step (when recorded) and the warnings of the
     ``top_k`` best features, as a user reads them in Preview Any."""
-    from ..diffbias_core.features import feature_warnings, probe_accuracy
+    from ..diffbias_core.attribute.features import feature_warnings, probe_accuracy
 
     warnings = feature_warnings(features, top_k)
     lines = [f"{features.method} features at {features.hook} ({', '.join(features.classes)}), SAE "

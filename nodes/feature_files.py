@@ -7,7 +7,7 @@ import os
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_features, save_features
-from ..diffbias_core.features import probe_accuracy
+from ..diffbias_core.attribute.features import probe_accuracy
 from . import files
 from .charts import feature_chart, features_report
 from .wires import FeaturesType, SaeType, SaeWire

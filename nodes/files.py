@@ -15,8 +15,8 @@ from pathlib import Path
 
 import folder_paths
 
-from ..diffbias_core.formats import check_writable_name
-from ..diffbias_core.importers import WEIGHT_FILES
+from ..diffbias_core.sae.formats import check_writable_name
+from ..diffbias_core.sae.importers import WEIGHT_FILES
 from ..diffbias_core.toy.demo import FEATURES_FILE as TOY_FEATURES_FILE
 from ..diffbias_core.toy.dissect import SAE_FILE as TOY_SAE_FILE
 from ..diffbias_core.toy.train import WEIGHTS_DIR as TOY_WEIGHTS_DIR

@@ -8,7 +8,7 @@ import os
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_sae
-from ..diffbias_core.memory import format_bytes
+from ..diffbias_core.base.memory import format_bytes
 from . import files
 from .model_info import parse_hook
 from .wires import SaeType, SaeWire, describe_sae

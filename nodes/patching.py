@@ -27,7 +27,7 @@ import comfy.patcher_extension
 import torch
 from torch import Tensor
 
-from ..diffbias_core.intervention import (
+from ..diffbias_core.intervene.intervention import (
     KEEP,
     EditSpec,
     apply_edit,
@@ -36,7 +36,7 @@ from ..diffbias_core.intervention import (
     feature_table,
     rows_for_images,
 )
-from ..diffbias_core.sae import SparseAutoencoder
+from ..diffbias_core.sae.model import SparseAutoencoder
 from .model_info import HookPoint
 
 logger = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_sae, save_sae
-from ..diffbias_core.activations import MemorySource
-from ..diffbias_core.train import config_for_rows, rows_per_activation, train_sae
-from ..diffbias_core.train_check import Reservoir
+from ..diffbias_core.dissect.activations import MemorySource
+from ..diffbias_core.dissect.train import config_for_rows, rows_per_activation, train_sae
+from ..diffbias_core.dissect.train_check import Reservoir
 from . import files
 from .attribute import as_map
 from .model_info import check_hook, parse_hook

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..intervention import parse_target
-from ..metrics import Proportions, class_proportions, fairness_discrepancy, kl_to_target
+from ..intervene.intervention import parse_target
 from .classifier import check_classifier
+from .metrics import Proportions, class_proportions, fairness_discrepancy, kl_to_target
 
 
 class GroupFigures(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..formats import (
+from ..sae.formats import (
     FormatError,
     check_metadata_version,
     check_weights,

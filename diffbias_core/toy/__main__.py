@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..features import save_features
+from ..attribute.features import save_features
 from .demo import FEATURES_FILE, DemoConfig, attribute_colours
 from .dissect import SAE_FILE, ToySaeConfig, save_toy_sae, train_toy_sae
 from .train import MODEL_FILE, WEIGHTS_DIR, ToyTrainConfig, load_model, train_and_save

@@ -30,13 +30,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..activations import MemorySource, make_batch
-from ..attribution import AttributionConfig, attribute
-from ..features import FeatureSet
-from ..intervention import EditSpec, assign_classes
-from ..probes import ProbeConfig, fit_probes
-from ..progress import Progress
-from ..sae import SparseAutoencoder
+from ..attribute.attribution import AttributionConfig, attribute
+from ..attribute.features import FeatureSet
+from ..attribute.probes import ProbeConfig, fit_probes
+from ..base.progress import Progress
+from ..dissect.activations import MemorySource, make_batch
+from ..intervene.intervention import EditSpec, assign_classes
+from ..sae.model import SparseAutoencoder
 from . import world as W
 from .diffusion import initial_noise
 from .dissect import SAE_FILE, ToySaeConfig, load_toy_sae, train_toy_sae

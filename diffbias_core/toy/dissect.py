@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..formats import load_sae, save_sae
-from ..progress import Progress
-from ..sae import SparseAutoencoder
-from ..train import SaeTrainer, TrainConfig
+from ..base.progress import Progress
+from ..dissect.train import SaeTrainer, TrainConfig
+from ..sae.formats import load_sae, save_sae
+from ..sae.model import SparseAutoencoder
 from . import world as W
 from .diffusion import initial_noise
 from .model import MODEL_FAMILY, ToyUNet

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..features import FeatureSet
-from ..intervention import EditSpec, edit_map, feature_table
-from ..sae import SparseAutoencoder
+from ..attribute.features import FeatureSet
+from ..intervene.intervention import EditSpec, edit_map, feature_table
+from ..sae.model import SparseAutoencoder
 from .sampling import Captured, EditFn, StepContext, in_window
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..metrics import class_proportions, fairness_discrepancy
+from ..measure.metrics import class_proportions, fairness_discrepancy
 from .oracles import Reading, mask_iou
 from .world import COLOURS, SHAPES
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..hooks import edit_outputs
+from ..base.hooks import edit_outputs
 from .diffusion import sample_in_chunks
 from .model import HOOK_MODULES, ToyUNet
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..formats import atomic_write
-from ..progress import Progress
+from ..base.progress import Progress
+from ..sae.formats import atomic_write
 from . import world as W
 from .diffusion import initial_noise, sample_in_chunks, v_loss
 from .model import MODEL_FAMILY, ToyUNet, UNetConfig

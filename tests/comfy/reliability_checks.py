@@ -375,7 +375,7 @@ def check_attribute_memory(mapping) -> dict:
     """Attribute says how much its kept activations need, and refuses at the first activation what the machine
     cannot hold (here: a machine reporting 4 KiB available) instead of failing after all sampling."""
     (SparseAutoencoder,) = core("SparseAutoencoder")
-    memory = plugin_module("diffbias_core.memory")
+    memory = plugin_module("diffbias_core.base.memory")
     sae = SparseAutoencoder(128, 64, 4, hook="unet.middle", model_family="sd15")
     attribute = mapping["DiffBiasAttributeFeatures"]
     model = small_unet()

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from diffbias_core.metrics import fairness_discrepancy, kl_to_target
+from diffbias_core.measure.metrics import fairness_discrepancy, kl_to_target
 
 from .comfy_server import execution_error
 from .conftest import CHECKPOINT

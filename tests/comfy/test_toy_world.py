@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from diffbias_core import load_features, load_sae, save_features
-from diffbias_core.features import FeatureSet
-from diffbias_core.metrics import fairness_discrepancy
+from diffbias_core.attribute.features import FeatureSet
+from diffbias_core.measure.metrics import fairness_discrepancy
 from diffbias_core.toy import oracles
 from diffbias_core.toy.classifier import ToyOracle
 from diffbias_core.toy.demo import FEATURES_FILE, DemoConfig, run_demo

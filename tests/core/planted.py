@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffbias_core.activations import ActivationBatch, make_batch
+from diffbias_core.dissect.activations import ActivationBatch, make_batch
 
 
 def unit_dictionary(atoms: int, width: int, generator: torch.Generator) -> Tensor:
@@ -93,7 +93,7 @@ def planted_maps(seed: int, *, width: int = 24, atoms: int = 20, classes: int = 
 def oracle_sae(dictionary: Tensor, k: int, hook: str = "test.hook"):
     """An SAE whose decoder is the planted dictionary (latent j = atom j) and whose encoder is its dual
     basis (pseudo-inverse), so codes are recovered exactly when there are no more atoms than dimensions."""
-    from diffbias_core.sae import SparseAutoencoder
+    from diffbias_core.sae.model import SparseAutoencoder
 
     atoms, width = dictionary.shape
     encoder = torch.linalg.pinv(dictionary).T.contiguous()  # (atoms, width): encoder[j] . atom[i] = [i == j]

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffbias_core.activations import (
+from diffbias_core.dissect.activations import (
     MemorySource,
     ShardReader,
     ShardSet,
@@ -15,7 +15,7 @@ from diffbias_core.activations import (
     to_sae_inputs,
     write_shard,
 )
-from diffbias_core.formats import write_safetensors
+from diffbias_core.sae.formats import write_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 

@@ -1,12 +1,17 @@
 import pytest
 import torch
 
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.attribution import AttributionConfig, attribute, integrated_gradients, mean_diff_scores
-from diffbias_core.features import load_features, save_features
-from diffbias_core.probes import ProbeConfig, StepProbes, fit_probes
-from diffbias_core.sae import SparseAutoencoder
-from diffbias_core.train import TrainConfig, train_sae
+from diffbias_core.attribute.attribution import (
+    AttributionConfig,
+    attribute,
+    integrated_gradients,
+    mean_diff_scores,
+)
+from diffbias_core.attribute.features import load_features, save_features
+from diffbias_core.attribute.probes import ProbeConfig, StepProbes, fit_probes
+from diffbias_core.dissect.activations import MemorySource, make_batch
+from diffbias_core.dissect.train import TrainConfig, train_sae
+from diffbias_core.sae.model import SparseAutoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 

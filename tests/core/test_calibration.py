@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffbias_core.intervention import EditSpec, assign_classes
+from diffbias_core.intervene.intervention import EditSpec, assign_classes
 from diffbias_core.measure import CalibrationConfig, calibrate, measure
 
 

@@ -6,10 +6,15 @@ import math
 import pytest
 import torch
 
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.attribution import AttributionConfig, attribute
-from diffbias_core.features import FeatureSet, feature_warnings, load_features, probe_accuracy, save_features
-from diffbias_core.probes import (
+from diffbias_core.attribute.attribution import AttributionConfig, attribute
+from diffbias_core.attribute.features import (
+    FeatureSet,
+    feature_warnings,
+    load_features,
+    probe_accuracy,
+    save_features,
+)
+from diffbias_core.attribute.probes import (
     ProbeConfig,
     StepProbes,
     binomial_tail,
@@ -17,9 +22,17 @@ from diffbias_core.probes import (
     check_chance,
     fit_probes,
 )
-from diffbias_core.sae import SparseAutoencoder, fvu
-from diffbias_core.train import SaeTrainer, TrainConfig, config_for_rows, train_sae
-from diffbias_core.train_check import FVU_CEILING, Plateau, Reservoir, auto_batch_size, heldout_fvu, judge
+from diffbias_core.dissect.activations import MemorySource, make_batch
+from diffbias_core.dissect.train import SaeTrainer, TrainConfig, config_for_rows, train_sae
+from diffbias_core.dissect.train_check import (
+    FVU_CEILING,
+    Plateau,
+    Reservoir,
+    auto_batch_size,
+    heldout_fvu,
+    judge,
+)
+from diffbias_core.sae.model import SparseAutoencoder, fvu
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 
@@ -142,7 +155,7 @@ def test_automatic_length_takes_at_least_min_steps_then_stops_at_the_plateau(pla
 
 
 def _held(n):
-    from diffbias_core.probes import holdout_samples
+    from diffbias_core.attribute.probes import holdout_samples
 
     return holdout_samples(torch.arange(n), 0.1, 0)
 
@@ -206,7 +219,7 @@ def _identical_pairs(planted, samples):
     batch = planted.planted_maps(9, samples=samples, steps=2).batch
     first = batch.select(batch.label == 0)
     copy = first._replace(label=torch.ones_like(first.label))
-    from diffbias_core.activations import concat_batches
+    from diffbias_core.dissect.activations import concat_batches
 
     return MemorySource(concat_batches([first, copy]), hook="test.hook", classes=("class0", "class1"))
 

@@ -3,10 +3,10 @@ import argparse
 import pytest
 import torch
 
-from diffbias_core import cli_dissect
-from diffbias_core.activations import write_shard
-from diffbias_core.features import load_features
-from diffbias_core.formats import load_sae
+from diffbias_core.attribute.features import load_features
+from diffbias_core.cli import dissect as cli_dissect
+from diffbias_core.dissect.activations import write_shard
+from diffbias_core.sae.formats import load_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 
@@ -89,7 +89,7 @@ def test_steps_and_resume(tmp_path, shards, capsys):
 def test_cli_errors_name_the_problem(tmp_path, shards, capsys):
     _, paths = shards
     other = tmp_path / "other.safetensors"
-    from diffbias_core.activations import make_batch
+    from diffbias_core.dissect.activations import make_batch
 
     write_shard(other, make_batch(torch.randn(3, 5), 0), hook="toy.mid")
     assert (

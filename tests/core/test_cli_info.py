@@ -6,7 +6,8 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from diffbias_core import FeatureSet, SparseAutoencoder, cli_info, save_features, save_sae
+from diffbias_core import FeatureSet, SparseAutoencoder, save_features, save_sae
+from diffbias_core.cli import info as cli_info
 
 
 def run_info(argv):

@@ -13,7 +13,7 @@ FORBIDDEN = ("comfy", "folder_paths", "server", "nodes", "execution", "comfy_api
 
 def test_core_imports_no_comfyui_module():
     code = (
-        "import sys, diffbias_core, diffbias_core.cli_info\n"
+        "import sys, diffbias_core, diffbias_core.cli.info\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
         "print(','.join(bad))\n"
     )

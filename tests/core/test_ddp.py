@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from diffbias_core.formats import read_safetensors
-from diffbias_core.train import SaeTrainer, TrainConfig
+from diffbias_core.dissect.train import SaeTrainer, TrainConfig
+from diffbias_core.sae.formats import read_safetensors
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = dict(  # holdout 0: every row is trained on, so the processes' row counts are known exactly
@@ -28,10 +28,10 @@ WORKER = textwrap.dedent(f"""
     import sys
     import torch
     import torch.distributed as dist
-    from diffbias_core import distributed as ddp
-    from diffbias_core.activations import MemorySource, make_batch
-    from diffbias_core.formats import write_safetensors
-    from diffbias_core.train import SaeTrainer, TrainConfig, train_sae
+    from diffbias_core.dissect import distributed as ddp
+    from diffbias_core.dissect.activations import MemorySource, make_batch
+    from diffbias_core.sae.formats import write_safetensors
+    from diffbias_core.dissect.train import SaeTrainer, TrainConfig, train_sae
 
     rank, folder = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from diffbias_core import FeatureSet, FormatError, SparseAutoencoder, load_features, save_features, save_sae
-from diffbias_core.formats import read_header
+from diffbias_core.sae.formats import read_header
 
 
 def make(classes=("male", "female"), id_lists=((4, 1, 7), (2,)), **overrides):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from diffbias_core import FormatError, SparseAutoencoder, load_sae, sae_metadata, save_sae
-from diffbias_core.formats import read_header, write_safetensors
+from diffbias_core.sae.formats import read_header, write_safetensors
 
 SIZES = st.tuples(st.integers(2, 6), st.integers(2, 12), st.integers(0, 2**16))  # d_in, latents, seed
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffbias_core.hooks import capture_outputs, edit_outputs, get_module
+from diffbias_core.base.hooks import capture_outputs, edit_outputs, get_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 

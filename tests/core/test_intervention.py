@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffbias_core import FeatureSet, SparseAutoencoder
-from diffbias_core.intervention import (
+from diffbias_core.intervene.intervention import (
     SUPPRESS,
     EditSpec,
     FeatureTable,

@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffbias_core.formats import FormatError, read_header, write_safetensors
 from diffbias_core.measure import (
     EmbeddingClassifier,
     FitConfig,
@@ -25,6 +24,7 @@ from diffbias_core.measure import (
     save_probe,
 )
 from diffbias_core.measure.classifier import check_same_model, reference_image, split_indices
+from diffbias_core.sae.formats import FormatError, read_header, write_safetensors
 
 Z95 = 1.959963984540054
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffbias_core import fairness_discrepancy
-from diffbias_core.metrics import class_proportions, kl_to_target
+from diffbias_core.measure.metrics import class_proportions, kl_to_target
 
 
 def naive_fd(rows, target):

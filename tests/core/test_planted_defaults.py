@@ -10,10 +10,10 @@ import argparse
 import pytest
 import torch
 
-from diffbias_core import cli_dissect
-from diffbias_core.activations import write_shard
-from diffbias_core.features import load_features
-from diffbias_core.formats import load_sae
+from diffbias_core.attribute.features import load_features
+from diffbias_core.cli import dissect as cli_dissect
+from diffbias_core.dissect.activations import write_shard
+from diffbias_core.sae.formats import load_sae
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.probes import ProbeConfig, fit_logistic, fit_probes, holdout_samples
+from diffbias_core.attribute.probes import ProbeConfig, fit_logistic, fit_probes, holdout_samples
+from diffbias_core.dissect.activations import MemorySource, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 

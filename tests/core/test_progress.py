@@ -2,7 +2,7 @@
 
 import io
 
-from diffbias_core.progress import Progress
+from diffbias_core.base.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from diffbias_core import FeatureSet, SparseAutoencoder
-from diffbias_core.activations import MemorySource
-from diffbias_core.attribution import AttributionConfig, attribute
-from diffbias_core.intervention import EditSpec, apply_edit, feature_table
-from diffbias_core.probes import ProbeConfig, fit_probes
-from diffbias_core.progress import Cancelled
+from diffbias_core.attribute.attribution import AttributionConfig, attribute
+from diffbias_core.attribute.probes import ProbeConfig, fit_probes
+from diffbias_core.base.progress import Cancelled
+from diffbias_core.dissect.activations import MemorySource
+from diffbias_core.intervene.intervention import EditSpec, apply_edit, feature_table
 
 STRENGTH_LIMIT = 1000.0  # the Apply node's largest |strength| (nodes/apply.py)
 

@@ -17,17 +17,17 @@ import torch
 from diffbias_core import (
     FeatureSet,
     SparseAutoencoder,
-    cli_dissect,
     load_features,
     save_features,
     save_sae,
-    train_state,
 )
-from diffbias_core.activations import MemorySource, make_batch, write_shard
-from diffbias_core.cli_info import describe
-from diffbias_core.formats import FormatError, load_sae, read_header
-from diffbias_core.train import TrainConfig, train_sae
-from diffbias_core.train_state import state_path
+from diffbias_core.cli import dissect as cli_dissect
+from diffbias_core.cli.info import describe
+from diffbias_core.dissect import train_state
+from diffbias_core.dissect.activations import MemorySource, make_batch, write_shard
+from diffbias_core.dissect.train import TrainConfig, train_sae
+from diffbias_core.dissect.train_state import state_path
+from diffbias_core.sae.formats import FormatError, load_sae, read_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 REPO = Path(__file__).resolve().parents[2]

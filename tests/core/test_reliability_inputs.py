@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffbias_core import FeatureSet, SparseAutoencoder, cli_info, load_features
-from diffbias_core.activations import ShardReader
-from diffbias_core.cli_info import describe
-from diffbias_core.features import check_top_k
-from diffbias_core.formats import SAE_TENSORS, FormatError, load_sae, read_header, sae_file_metadata
+from diffbias_core import FeatureSet, SparseAutoencoder, load_features
+from diffbias_core.attribute.features import check_top_k
+from diffbias_core.cli import info as cli_info
+from diffbias_core.cli.info import describe
+from diffbias_core.dissect.activations import ShardReader
+from diffbias_core.sae.formats import SAE_TENSORS, FormatError, load_sae, read_header, sae_file_metadata
 
 
 def run_info(path) -> int:

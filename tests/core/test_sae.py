@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffbias_core import SparseAutoencoder, SparseCode
-from diffbias_core.sae import expansion_factor, fvu
+from diffbias_core.sae.model import expansion_factor, fvu
 
 
 def make_sae(d_in=6, num_latents=20, k=3, kernel_size=1, seed=0, dtype=torch.float32):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffbias_core.hooks import edit_outputs
+from diffbias_core.base.hooks import edit_outputs
 from diffbias_core.toy import diffusion as D
 from diffbias_core.toy import world as W
 from diffbias_core.toy.classifier import ToyOracle

@@ -173,7 +173,7 @@ def test_shipped_weights_are_small_and_learned_the_skew():
 
 
 def test_shipped_sae_fits_the_bottleneck_of_the_shipped_model():
-    from diffbias_core.sae import fvu
+    from diffbias_core.sae.model import fvu
     from diffbias_core.toy.dissect import SAE_FILE, load_toy_sae
     from diffbias_core.toy.sampling import Recorder, generate
 
@@ -211,9 +211,9 @@ def test_direction_edit_adds_the_class_difference_only_inside_the_window():
 
 
 def test_feature_edit_is_the_identity_for_a_neutral_spec_and_adds_decoder_rows_otherwise():
-    from diffbias_core.features import FeatureSet
-    from diffbias_core.intervention import EditSpec
-    from diffbias_core.sae import SparseAutoencoder
+    from diffbias_core.attribute.features import FeatureSet
+    from diffbias_core.intervene.intervention import EditSpec
+    from diffbias_core.sae.model import SparseAutoencoder
     from diffbias_core.toy.edits import Window, feature_edit
     from diffbias_core.toy.sampling import StepContext
 

@@ -5,18 +5,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffbias_core.activations import MemorySource, make_batch
-from diffbias_core.formats import FormatError, load_sae
-from diffbias_core.sae import fvu
-from diffbias_core.sparse_grad import encoder_pre, gather_encode, row_plan, scatter_rows, sparse_decode
-from diffbias_core.train import (
+from diffbias_core.dissect.activations import MemorySource, make_batch
+from diffbias_core.dissect.sparse_grad import (
+    encoder_pre,
+    gather_encode,
+    row_plan,
+    scatter_rows,
+    sparse_decode,
+)
+from diffbias_core.dissect.train import (
     SaeTrainer,
     TrainConfig,
     geometric_median,
     remove_parallel_component_,
     train_sae,
 )
-from diffbias_core.train_state import load_checkpoint, state_path
+from diffbias_core.dissect.train_state import load_checkpoint, state_path
+from diffbias_core.sae.formats import FormatError, load_sae
+from diffbias_core.sae.model import fvu
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 

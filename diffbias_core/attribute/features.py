@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .formats import FormatError, check_metadata_version, read_safetensors, write_safetensors
+from ..sae.formats import FormatError, check_metadata_version, read_safetensors, write_safetensors
 
 if TYPE_CHECKING:
-    from .sae import SparseAutoencoder
+    from ..sae.model import SparseAutoencoder
 
 FEATURES_FORMAT = "diffbias.features"
 """Value of the ``format`` metadata key of a feature-set file."""

@@ -14,16 +14,16 @@ import math
 import sys
 from pathlib import Path
 
-from . import distributed as ddp
-from .activations import ShardSet
-from .attribution import AttributionConfig, attribute
-from .features import feature_warnings, save_features
-from .formats import FormatError, check_writable_name, load_sae
-from .probes import ProbeConfig, fit_probes
-from .progress import Progress
-from .train import config_for_rows, rows_per_activation, train_sae
-from .train_check import steps_per_pass
-from .train_state import state_path
+from ..attribute.attribution import AttributionConfig, attribute
+from ..attribute.features import feature_warnings, save_features
+from ..attribute.probes import ProbeConfig, fit_probes
+from ..base.progress import Progress
+from ..dissect import distributed as ddp
+from ..dissect.activations import ShardSet
+from ..dissect.train import config_for_rows, rows_per_activation, train_sae
+from ..dissect.train_check import steps_per_pass
+from ..dissect.train_state import state_path
+from ..sae.formats import FormatError, check_writable_name, load_sae
 
 CHECKPOINT_EVERY = 1000
 """Default steps between resumable checkpoints of ``train-sae``: a killed run loses at most this many."""

@@ -31,11 +31,11 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .activations import ActivationBatch, ActivationSource
+from ..base.progress import check_stop
+from ..dissect.activations import ActivationBatch, ActivationSource
+from ..sae.model import SparseAutoencoder
 from .features import FeatureSet
 from .probes import StepProbes, check_chance
-from .progress import check_stop
-from .sae import SparseAutoencoder
 
 _ELEMENTS = 1 << 23  # interpolated values per batched IG pass (about 32 MB in float32)
 

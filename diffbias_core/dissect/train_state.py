@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..sae.formats import FormatError, check_metadata_version, read_safetensors, save_sae, write_safetensors
+from ..sae.model import SparseAutoencoder
 from . import distributed as ddp
-from .formats import FormatError, check_metadata_version, read_safetensors, save_sae, write_safetensors
-from .sae import SparseAutoencoder
 from .train import SaeTrainer, TrainConfig
 
 STATE_FORMAT = "diffbias.train_state"
@@ -104,7 +104,7 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
                          hook=metadata["hook"], model_family=metadata["model_family"], device=device,
                          progress=progress)  # fmt: skip
     run = json.loads(metadata["run"])
-    from .formats import sae_metadata
+    from ..sae.formats import sae_metadata
 
     try:
         saved_steps = json.loads(sae_metadata(path).get("provenance", "{}")).get("steps")

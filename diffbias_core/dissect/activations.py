@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .formats import read_header, write_safetensors
+from ..sae.formats import read_header, write_safetensors
 
 SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"

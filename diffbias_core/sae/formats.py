@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write, check_writable_name, remove_stale_temporaries
-from .memory import check_fits
-from .sae import SparseAutoencoder
-from .tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
-from .tensorfile import TORCH_DTYPES as _TORCH_DTYPES
+from ..base.atomic import atomic_write, check_writable_name, remove_stale_temporaries
+from ..base.memory import check_fits
+from ..base.tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
+from ..base.tensorfile import TORCH_DTYPES as _TORCH_DTYPES
+from .model import SparseAutoencoder
 
 SAE_FORMAT = "diffbias.sae"
 """Value of the ``format`` metadata key of a native SAE file."""

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .features import FeatureSet
-    from .sae import SparseAutoencoder
+    from ..attribute.features import FeatureSet
+    from ..sae.model import SparseAutoencoder
 
 EditMode = Literal["scale", "add", "set", "ablate"]
 OthersMode = Literal["keep", "ablate"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import ActivationBatch, ActivationSource
-from .progress import check_stop
+from ..base.progress import check_stop
+from ..dissect.activations import ActivationBatch, ActivationSource
 
 
 @dataclass(frozen=True)

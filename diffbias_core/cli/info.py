@@ -11,10 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from .features import FEATURES_FORMAT
-from .formats import FormatError, digest_status, read_header, sae_metadata
-from .importers import WEIGHT_FILES
-from .tensorfile import DIGESTS_KEY
+from ..attribute.features import FEATURES_FORMAT
+from ..base.tensorfile import DIGESTS_KEY
+from ..sae.formats import FormatError, digest_status, read_header, sae_metadata
+from ..sae.importers import WEIGHT_FILES
 
 
 def describe(path: Path) -> dict[str, object]:

@@ -35,7 +35,7 @@ from .formats import (
     read_safetensors,
     refuse_pickle,
 )
-from .sae import SparseAutoencoder
+from .model import SparseAutoencoder
 
 WEIGHT_FILES = {"sae.safetensors": ("sparsify", "difflens"), "sae_weights.safetensors": ("saelens",)}
 """Weight file name of each published layout (next to its ``cfg.json``)."""

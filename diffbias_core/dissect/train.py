@@ -32,9 +32,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ..sae.model import SparseAutoencoder
 from . import distributed as ddp
 from .activations import ActivationSource, to_sae_inputs
-from .sae import SparseAutoencoder
 from .sparse_grad import encoder_pre, gather_encode, row_plan, sparse_decode
 from .train_check import (
     MIN_JUDGE_ROWS,
@@ -475,7 +475,7 @@ class SaeTrainer:
 
     def save(self, path, *, weights: Literal["best", "current"] = "best") -> None:
         """Write the SAE (best or current weights) as a native file, atomically (process 0 only)."""
-        from .formats import save_sae
+        from ..sae.formats import save_sae
         from .train_state import write_current
 
         if ddp.world()[0] != 0:
@@ -551,8 +551,8 @@ def train_sae(
     each process trains on every world-size-th chunk. Raises ValueError for fewer than two activation rows
     (FVU is undefined).
     """
-    from .formats import check_writable_name
-    from .probes import holdout_samples
+    from ..attribute.probes import holdout_samples
+    from ..sae.formats import check_writable_name
     from .train_state import load_checkpoint, save_checkpoint, state_path
 
     for target in [out] if checkpoint is None else [out, checkpoint, state_path(checkpoint)]:

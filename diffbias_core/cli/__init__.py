@@ -1,0 +1,1 @@
+"""Command-line front ends: ``python -m diffbias_core info`` and the ``dissect`` pipeline commands."""
