@@ -19,7 +19,7 @@ from ..diffbias_core.base.progress import Cancelled
 from ..diffbias_core.dissect.activations import ActivationBatch, MemorySource, concat_batches, make_batch
 from .charts import feature_chart, features_report
 from .model_info import check_hook, parse_hook
-from .patching import Captured, add_recorder
+from .recorder import Captured, add_recorder
 from .runs import plan_runs
 from .sampling import RunSettings, empty_latent, encode, sample
 from .sampling import class_prompts as parse_class_prompts
