@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
 from ..diffbias_core.attribute.features import check_top_k
-from .model_info import check_hook, parse_hook
 from .intervention_run import add_intervention
+from .model_info import check_hook, parse_hook
 from .widgets import seed_input
 from .wires import FeaturesType, SaeType, SaeWire
 

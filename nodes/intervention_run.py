@@ -123,7 +123,9 @@ class EditWeights(nn.Module):
     compute dtype; its tensors are shared with the loaded SAE when dtype and device already match).
     """
 
-    def __init__(self, table: FeatureTable, sae: SparseAutoencoder | None, deltas: ClassDeltas | None) -> None:
+    def __init__(
+        self, table: FeatureTable, sae: SparseAutoencoder | None, deltas: ClassDeltas | None
+    ) -> None:
         super().__init__()
         self.sae = sae
         self.tables = _Tables(table, deltas)
@@ -138,7 +140,12 @@ class EditWeights(nn.Module):
 
 
 def edit_weights(
-    handle: SaeHandle, features, spec: EditSpec, dtype: torch.dtype, fixed: int | None, encoder: bool | None = None
+    handle: SaeHandle,
+    features,
+    spec: EditSpec,
+    dtype: torch.dtype,
+    fixed: int | None,
+    encoder: bool | None = None,
 ) -> EditWeights:
     """The :class:`EditWeights` of ``spec``: decoder rows only when it needs no encoder, else the whole SAE.
 
@@ -169,7 +176,9 @@ class FeatureEdit(SharedPatch):
     bit. ``weights`` is the ModelPatcher of the edit's :class:`EditWeights`.
     """
 
-    def __init__(self, weights, spec: EditSpec, state_key: str, plan: ClassPlan, cond_only: bool = True) -> None:
+    def __init__(
+        self, weights, spec: EditSpec, state_key: str, plan: ClassPlan, cond_only: bool = True
+    ) -> None:
         self.weights = weights
         self.spec = spec
         self.state_key = state_key

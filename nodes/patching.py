@@ -206,8 +206,6 @@ def step_index(transformer_options: dict, sigma: Tensor) -> int:
     return int((schedule.to(sigma.device, torch.float32) - sigma.float()).abs().argmin())
 
 
-
-
 # -------------------------------------------------------------------------------- weights and runs
 def sampling_weights(module: nn.Module) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher for ``module`` (weights a patch needs while sampling): ComfyUI loads it to the sampling
@@ -275,8 +273,18 @@ class RunWrapper:
             options.pop(self.state_key, None)
 
 
-_MOVED = {name: "intervention_run" for name in ("ClassPlan", "FeatureEdit", "InterventionWrapper", "RunState",
-                                               "add_intervention", "derive_seed", "intervention_count")}
+_MOVED = {
+    name: "intervention_run"
+    for name in (
+        "ClassPlan",
+        "FeatureEdit",
+        "InterventionWrapper",
+        "RunState",
+        "add_intervention",
+        "derive_seed",
+        "intervention_count",
+    )
+}
 _MOVED.update({name: "recorder" for name in ("Captured", "Recorder", "add_recorder")})
 
 

@@ -65,17 +65,26 @@ def class_deltas(rows: Tensor, latents: Tensor, table: FeatureTable, spec: EditS
     wide = torch.promote_types(rows.dtype, torch.float32)
     entries = table.ids.reshape(-1).to(rows.device)  # (M,)
     valid = table.valid.reshape(-1).to(rows.device)  # (M,)
-    slot = torch.searchsorted(latents.to(rows.device), entries).clamp_(max=max(latents.numel() - 1, 0))  # (M,)
+    slot = torch.searchsorted(latents.to(rows.device), entries).clamp_(
+        max=max(latents.numel() - 1, 0)
+    )  # (M,)
     if latents.numel() == 0:
         weight = rows.new_zeros(entries.numel(), rows.shape[1], dtype=wide)  # no valid entry: nothing to add
     else:
         if bool(((latents.to(rows.device)[slot] != entries) & valid).any()):  # once per patch: a sync is fine
-            raise ValueError("class_deltas: latents do not hold every id the table lists (use listed_latents)")
+            raise ValueError(
+                "class_deltas: latents do not hold every id the table lists (use listed_latents)"
+            )
         weight = rows[slot].to(wide)  # (M, n_in), the rows apply_edit multiplies, in table order
     entry_class = torch.arange(classes, device=rows.device).repeat_interleave(top_k)  # (M,)
-    own = valid[None, :] & (entry_class[None, :] == torch.arange(classes, device=rows.device)[:, None])  # (cl, M)
-    coefficient = torch.where(own, torch.full((), spec.strength, dtype=wide, device=rows.device),
-                              torch.zeros((), dtype=wide, device=rows.device))  # fmt: skip  (classes, M)
+    own = valid[None, :] & (
+        entry_class[None, :] == torch.arange(classes, device=rows.device)[:, None]
+    )  # (cl, M)
+    coefficient = torch.where(
+        own,
+        torch.full((), spec.strength, dtype=wide, device=rows.device),
+        torch.zeros((), dtype=wide, device=rows.device),
+    )  # (classes, M)
     delta = coefficient @ weight  # (classes, M) @ (M, n_in) -> (classes, n_in)
     return ClassDeltas(delta, own.any(1) & (spec.strength != 0.0))
 

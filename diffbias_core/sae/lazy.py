@@ -7,7 +7,7 @@ the file (:meth:`SaeHandle.decoder_rows`); an edit that needs the encoder, a tra
 
 Integrity of what is read: the decoder is verified before its first row is used. A native file with digests
 has its header digest checked and its whole ``W_dec`` hashed against the recorded digest, streamed in chunks
-(about 16 MB at a time, whatever the file's size), together with a finiteness check; the fingerprint then is
+(about 2 MB at a time, whatever the file's size), together with a finiteness check; the fingerprint then is
 the recorded one (which the verified header covers). A file without digests has its fingerprint computed from
 the same stream and compared with the recorded one when there is one. The encoder and biases are not read,
 so damage there shows only when the whole SAE is loaded.
@@ -48,7 +48,7 @@ from .model import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BYTES = 2 * 2**20
 _ROW_TENSOR = {"native": "W_dec", "sparsify": "W_dec", "difflens": "decoder.weight"}
 """The tensor whose rows are the canonical decoder rows, per layout (DiffLens: only for kernel > 1)."""
 
@@ -142,20 +142,25 @@ class SaeHandle:
         name, entry, start = self._row_tensor()
         shape, dtype = tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]]
         raw = hashlib.sha256(str(shape).encode())
-        wide = hashlib.sha256(str(shape).encode())  # what SparseAutoencoder.fingerprint hashes: float32 rows
+        # what SparseAutoencoder.fingerprint hashes: float32 rows (for a float32 file the same bytes as raw)
+        wide = raw if dtype == torch.float32 else hashlib.sha256(str(shape).encode())
         row_elems = math.prod(shape[1:])
         rows_per_chunk = max(1, _CHUNK_BYTES // max(1, row_elems * 4))
+        buffer = torch.empty(
+            min(rows_per_chunk, shape[0]), row_elems, dtype=dtype
+        )  # reused: memory stays small
         with open(self.path, "rb") as file:
             file.seek(start + entry["data_offsets"][0])
             for first in range(0, shape[0], rows_per_chunk):
-                chunk = torch.empty(min(rows_per_chunk, shape[0] - first), row_elems, dtype=dtype)
+                chunk = buffer[: min(rows_per_chunk, shape[0] - first)]
                 view = memoryview(byte_view(chunk))
                 if file.readinto(view) != len(view):
                     raise FormatError(f"{self.path}: the file ended inside tensor {name!r}")
                 raw.update(view)
                 if not _all_finite(chunk):
                     raise FormatError(f"{self.path}: tensor {name!r} holds non-finite values (NaN or inf)")
-                wide.update(chunk.to(torch.float32).numpy())
+                if wide is not raw:
+                    wide.update(chunk.to(torch.float32).numpy())
         stored = metadata.get("fingerprint") if self.layout == "native" else None
         if recorded is not None and recorded[name] != raw.hexdigest():
             raise FormatError(
@@ -184,8 +189,11 @@ def open_sae(
     folder = layout_folder(path)
     if folder is not None:
         skeleton = import_folder(folder, load=False)
-        weight = next(folder / name for name in ("sae.safetensors", "sae_weights.safetensors")
-                      if (folder / name).is_file())  # fmt: skip  (import_folder checked there is one)
+        weight = next(
+            folder / name
+            for name in ("sae.safetensors", "sae_weights.safetensors")
+            if (folder / name).is_file()
+        )  # import_folder checked there is one
         layout = _detect(weight, read_header(weight)[0])
     else:
         header, metadata = _read_native_header(path)

@@ -65,7 +65,9 @@ def test_tokens_equal_the_encoder_path(dtype, top_k):
     if top_k == 1:  # one row per class: the same multiplications and additions, bit for bit
         assert torch.equal(out, expected)
     else:  # the class's rows are summed before, not after, the positions are spread: rounding only
-        torch.testing.assert_close(out, expected, rtol=0, atol=4 * torch.finfo(dtype).eps * float(x.abs().max()))
+        torch.testing.assert_close(
+            out, expected, rtol=0, atol=4 * torch.finfo(dtype).eps * float(x.abs().max())
+        )
     for row in (3, 6):
         assert torch.equal(out[row], x[row]), f"row {row} (class {int(ROWS[row])}) must stay bit for bit"
     assert not torch.equal(out[0], x[0])

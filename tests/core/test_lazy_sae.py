@@ -62,13 +62,17 @@ def test_a_damaged_decoder_is_refused_before_a_row_is_used(tmp_path):
     _, path = native(tmp_path)
     flip_byte(path, "W_dec", offset=4 * 5 * 30)  # in row 30, which is not asked for
     handle = open_sae(path)
-    with pytest.raises(FormatError, match=r"sae.safetensors: the data of tensor\(s\) \['W_dec'\] does not match"):
+    with pytest.raises(
+        FormatError, match=r"sae.safetensors: the data of tensor\(s\) \['W_dec'\] does not match"
+    ):
         handle.decoder_rows(torch.tensor([1]))
 
 
 def test_a_file_without_digests_is_checked_by_its_fingerprint(tmp_path):
     sae, _ = native(tmp_path)
-    tensors = {name: getattr(sae, name).detach().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors = {
+        name: getattr(sae, name).detach().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+    }
     metadata = {**json.loads(json.dumps(_native_metadata(sae))), "fingerprint": "0" * 16}
     save_file(tensors, tmp_path / "old.safetensors", metadata)
     with pytest.raises(FormatError, match=r"old.safetensors: decoder fingerprint [0-9a-f]{16} does not match "
@@ -87,7 +91,10 @@ def _native_metadata(sae):
 
 def test_non_finite_rows_are_refused(tmp_path):
     sae, _ = native(tmp_path)
-    tensors = {name: getattr(sae, name).detach().clone().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors = {
+        name: getattr(sae, name).detach().clone().contiguous()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+    }
     tensors["W_dec"][3, 1] = float("nan")
     metadata = _native_metadata(sae)
     del metadata["fingerprint"]
@@ -109,7 +116,9 @@ def test_published_layouts_give_the_rows_of_the_imported_sae(tmp_path, layout):
     ids = torch.tensor([1, 4, 11])
     assert torch.equal(handle.decoder_rows(ids), whole.w_dec_flat.detach()[ids])
     assert handle.fingerprint() == whole.fingerprint()
-    assert handle.is_loaded == (layout == "difflens-1"), "only the transposed kernel-1 decoder is loaded whole"
+    assert handle.is_loaded == (layout == "difflens-1"), (
+        "only the transposed kernel-1 decoder is loaded whole"
+    )
 
 
 def test_out_of_range_ids_and_in_memory_handles(tmp_path):
@@ -127,3 +136,18 @@ def test_opening_refuses_what_sae_metadata_refuses(tmp_path):
         open_sae(tmp_path / "x.pt")
     with pytest.raises(FormatError, match="no such file"):
         open_sae(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decoder_streams_in_chunks_of_rows(tmp_path, monkeypatch, dtype):
+    """Chunks of 3 rows (the last one shorter): the same digest and fingerprint as one read of the whole."""
+    import diffbias_core.sae.lazy as lazy
+
+    sae, path = native(tmp_path, dtype, kernel=2)
+    monkeypatch.setattr(lazy, "_CHUNK_BYTES", 3 * 4 * sae.n_in)
+    assert open_sae(path).fingerprint() == load_sae(path).fingerprint()
+    flip_byte(
+        path, "W_dec", offset=(39 * sae.n_in + 1) * (4 if dtype == torch.float32 else 2)
+    )  # the last row
+    with pytest.raises(FormatError, match=r"\['W_dec'\] does not match the recorded digest"):
+        open_sae(path).fingerprint()

@@ -46,7 +46,10 @@ def test_add_without_the_encoder_equals_the_encoder_path(setup, plugin, core, co
     reference = forced(plugin, core, model, sae, features, spec, encoder=True, cond_only=cond_only)
     weights = free.model_options["transformer_options"]["patches"]["output_block_patch"][0].fn.weights.model
     assert weights.sae is None, "the add edit took the encoder path"
-    got, expected = first_step_predictions(free, *conds(), latent()), first_step_predictions(reference, *conds(), latent())
+    got, expected = (
+        first_step_predictions(free, *conds(), latent()),
+        first_step_predictions(reference, *conds(), latent()),
+    )
     plain = first_step_predictions(model, *conds(), latent())
     for kind, (a, b, p) in enumerate(zip(got, expected, plain, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
@@ -95,15 +98,17 @@ def test_comfyui_loads_counts_unloads_and_frees_the_sae_of_an_encoder_edit(setup
     assert weights.model.sae is not None, "a scale edit must hold the SAE"
     first_step_predictions(patched, *conds(), latent())
 
-    def listed():
-        return [m for m in mm.current_loaded_models if m.model is weights]
+    def listed(patcher=weights):
+        return [m for m in mm.current_loaded_models if m.model is patcher]
 
     assert len(listed()) == 1, "sampling did not load the edit's weights through ComfyUI's model management"
-    assert listed()[0].model_memory() == mm.module_size(weights.model) >= sum(
-        getattr(sae, n).nbytes for n in ("W_enc", "b_enc", "W_dec", "b_dec")
+    assert (
+        listed()[0].model_memory()
+        == mm.module_size(weights.model)
+        >= sum(getattr(sae, n).nbytes for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     ), "ComfyUI's memory estimate does not count the SAE"
     mm.unload_all_models()
     assert listed() == [], "unload_all_models() left the edit's SAE loaded"
-    del patched, weights
+    del patched, weights, listed
     gc.collect()
     assert module() is None, "the edit's SAE module outlived the patched model"

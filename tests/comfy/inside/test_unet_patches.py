@@ -110,7 +110,9 @@ def test_clone_shares_the_patch_and_its_weights(setup, apply_intervention):
         clone = patched.clone()
         patches = patched.model_options["transformer_options"]["patches"]["output_block_patch"]
         cloned = clone.model_options["transformer_options"]["patches"]["output_block_patch"]
-        assert cloned[0] is patches[0], f"{edit}: clone() copied the patch: {cloned[0]!r} is not {patches[0]!r}"
+        assert cloned[0] is patches[0], (
+            f"{edit}: clone() copied the patch: {cloned[0]!r} is not {patches[0]!r}"
+        )
         weights = cloned[0].fn.weights.model  # the edit's EditWeights, held by its ModelPatcher
         if edit == "add":
             assert weights.sae is None, "an add edit with others kept must not hold the SAE"
@@ -127,7 +129,9 @@ def test_the_patch_lists_its_weights_for_comfyui_to_load(setup, apply_interventi
     model, sae, features = setup
     patched = apply_intervention(model, sae, features, edit="scale", strength=2.0)
     patch = patched.model_options["transformer_options"]["patches"]["output_block_patch"][0]
-    assert patch.to(torch.device("cpu")) is patch and patch.to(torch.float16) is patch, ".to() must return itself"
+    assert patch.to(torch.device("cpu")) is patch and patch.to(torch.float16) is patch, (
+        ".to() must return itself"
+    )
     listed = patched.model_patches_models()
     assert listed == [patch.fn.weights], f"model_patches_models() gave {listed}"
     module = patch.fn.weights.model
