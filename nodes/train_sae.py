@@ -11,11 +11,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_sae, save_sae
+from ..diffbias_core.base.layout import to_map
 from ..diffbias_core.dissect.activations import MemorySource
 from ..diffbias_core.dissect.train import config_for_rows, rows_per_activation, train_sae
 from ..diffbias_core.dissect.train_check import Reservoir
 from . import files
-from .attribute import as_map
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
 from .runs import plan_runs, spread
@@ -146,7 +146,7 @@ class TrainSAE(io.ComfyNode):
         state: dict = {"image": 0}
 
         def sink(captured: Captured) -> None:
-            maps = as_map(captured.activations)  # (n, C, H, W); DiT tokens as (n, C, T, 1)
+            maps = to_map(captured.activations)  # (n, C, H, W); DiT tokens as (n, C, T, 1)
             if "store" not in state:
                 state["store"] = Reservoir(max(1, STORE_VALUES // maps[0].numel()), seed=seed % 2**31)
             ids = captured.image.cpu() + state["image"]  # one sample id per image: held out whole

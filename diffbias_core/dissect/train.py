@@ -245,7 +245,8 @@ class SaeTrainer:
         self.fill = 0
         self._first_rows: Tensor | None = None
         self.rows_since_fired = torch.zeros(config.num_latents, dtype=torch.int64, device=self.sae.device)
-        self.best: list[Tensor] | None = None
+        self.best: SparseAutoencoder | None = None
+        """A copy of the SAE at the lowest running FVU seen at a best-weights check."""
         self.run = _Running()
         self.stopped = False
         """True once training has ended (stop requested, max_steps reached, or another process ran dry)."""
@@ -440,7 +441,7 @@ class SaeTrainer:
     def _check_best(self) -> None:
         if self.run.step and self.run.fvu < self.run.best_fvu:
             self.run.best_fvu = self.run.fvu
-            self.best = [p.detach().clone() for p in self.params]
+            self.best = self.sae.copy_to()
 
     @property
     def stats(self) -> TrainStats:
@@ -463,15 +464,9 @@ class SaeTrainer:
     def best_sae(self) -> SparseAutoencoder:
         """A copy of the SAE with the lowest running FVU seen (the current weights if none was better)."""
         current = self.best is None or self.run.fvu < self.run.best_fvu
-        weights = [p.detach() for p in self.params] if current else self.best
-        sae = self.sae
-        return SparseAutoencoder.from_weights(
-            *(w.clone() for w in weights),
-            sae.k,
-            hook=sae.hook,
-            model_family=sae.model_family,
-            provenance=self.provenance(),
-        )
+        sae = (self.sae if current else self.best).copy_to()
+        sae.provenance = self.provenance()
+        return sae
 
     def save(self, path, *, weights: Literal["best", "current"] = "best") -> None:
         """Write the SAE (best or current weights) as a native file, atomically (process 0 only)."""

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ..sae.formats import FormatError, check_metadata_version, read_safetensors, save_sae, write_safetensors
-from ..sae.model import SparseAutoencoder
 from . import distributed as ddp
 from .train import SaeTrainer, TrainConfig
 
@@ -38,14 +37,8 @@ def state_path(path: str | PathLike[str]) -> Path:
 
 def write_current(trainer: SaeTrainer, path: str | PathLike[str]) -> None:
     """Write the trainer's current weights as a native SAE file (atomically)."""
-    sae = trainer.sae
-    current = SparseAutoencoder.from_weights(
-        *(p.detach() for p in trainer.params),
-        sae.k,
-        hook=sae.hook,
-        model_family=sae.model_family,
-        provenance=trainer.provenance(),
-    )
+    current = trainer.sae.copy_to()
+    current.provenance = trainer.provenance()
     save_sae(current, path)
 
 
@@ -61,7 +54,7 @@ def save_checkpoint(
         for key, value in trainer.optimizer.state.get(p, {}).items():
             tensors[f"adam.{name}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
     if trainer.best is not None:
-        tensors.update({f"best.{name}": w for name, w in zip(_PARAMS, trainer.best, strict=True)})
+        tensors.update({f"best.{name}": getattr(trainer.best, name).detach() for name in _PARAMS})
     tensors["rows_since_fired"] = trainer.rows_since_fired
     tensors["generator"] = trainer.generator.get_state()
     if trainer.buffer is not None and trainer.fill:
@@ -120,7 +113,9 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
                 state["step"] = state["step"].reshape(()).cpu()
                 trainer.optimizer.state[p] = state
         if "best.W_dec" in tensors:
-            trainer.best = [tensors[f"best.{name}"].to(dev) for name in _PARAMS]
+            trainer.best = trainer.sae.copy_to()
+            for name in _PARAMS:
+                getattr(trainer.best, name).copy_(tensors[f"best.{name}"])
         trainer.rows_since_fired.copy_(tensors["rows_since_fired"])
     for name in _RUN_FIELDS:
         if name in run:  # checkpoints of older versions lack the newer fields: they keep their defaults

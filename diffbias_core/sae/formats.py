@@ -16,7 +16,6 @@ verifies them (files without digests, from older versions or other tools, load a
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from os import PathLike
@@ -26,143 +25,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..base import tensorfile
 from ..base.atomic import atomic_write, check_writable_name, remove_stale_temporaries
 from ..base.memory import check_fits
-from ..base.tensorfile import DIGESTS_KEY, header_digest, read_file, with_digests, write_file
-from ..base.tensorfile import TORCH_DTYPES as _TORCH_DTYPES
-from .model import SparseAutoencoder
+from ..base.tensorfile import (
+    DIGESTS_KEY,
+    FLOAT_DTYPES,
+    MAX_HEADER_BYTES,
+    PICKLE_SUFFIXES,
+    TORCH_DTYPES,
+    FormatError,
+    header_digest,
+    read_file,
+    refuse_pickle,
+    with_digests,
+    write_file,
+)
+from .model import WEIGHTS, SparseAutoencoder
 
 SAE_FORMAT = "diffbias.sae"
 """Value of the ``format`` metadata key of a native SAE file."""
 SAE_VERSION = 1
 """Version of the native SAE layout this code writes (and the newest it reads)."""
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-"""File suffixes of pickle-based checkpoints, which are never loaded."""
-MAX_HEADER_BYTES = 100 * 2**20
-"""Largest safetensors JSON header accepted."""
-
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
-_FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-class FormatError(ValueError):
-    """A file is missing, damaged, unsafe or not in an expected layout; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------- safetensors I/O
-def refuse_pickle(path: Path) -> None:
-    """Raise FormatError if ``path`` names a pickle-based checkpoint (by suffix)."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise FormatError(
-            f"{path}: refusing to load a pickle-based '{path.suffix}' file: unpickling can run arbitrary code "
-            "hidden in the file. Convert it to .safetensors where you trust it (for example "
-            "safetensors.torch.save_file(state_dict, 'sae.safetensors')) and load that instead."
-        )
+SAE_TENSORS = WEIGHTS
+"""The native file's tensor names (those of :class:`SparseAutoencoder`)."""
 
 
 def read_header(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Check a safetensors file's framing and return (tensor entries, metadata) without reading tensor data.
-
-    Tensor entries map name -> {"dtype", "shape", "data_offsets"}. Raises FormatError for a missing,
-    truncated or malformed file, a pickle, or offsets beyond the end of the file.
-    """
-    path = Path(path)
-    refuse_pickle(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as file:
-            head = file.read(8)
-            declared = int.from_bytes(head, "little") if len(head) == 8 else -1
-            raw = file.read(declared) if 0 <= declared <= min(size - 8, MAX_HEADER_BYTES) else b""
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a folder, expected a .safetensors file") from None
-    except OSError as error:  # a symlink loop, no permission, an I/O error
-        raise FormatError(f"{path}: cannot be read ({error.strerror or error})") from None
-    if declared < 0:
-        raise FormatError(f"{path}: truncated: {size} bytes, expected at least the 8-byte header length")
-    if declared > size - 8 and (head[:2] == b"PK" or head[:1] == b"\x80"):
-        raise FormatError(
-            f"{path}: this is a pickle/zip checkpoint named like safetensors; refusing it, because unpickling "
-            "can run arbitrary code hidden in the file. Convert it to real .safetensors where you trust it."
-        )
-    # never quote `declared`: for a file that is not safetensors it is 8 bytes of that file's content
-    if declared > size - 8:
-        raise FormatError(
-            f"{path}: header declares more bytes than the {size - 8} that follow the length field "
-            "(truncated, or not a safetensors file)"
-        )
-    if declared > MAX_HEADER_BYTES:
-        raise FormatError(f"{path}: header exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, an integer too long
-        raise FormatError(f"{path}: header is not valid JSON ({error}); not a safetensors file?") from None
-    except RecursionError:
-        raise FormatError(f"{path}: header is JSON nested too deeply to be a safetensors header") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FormatError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}")
-    for name, entry in header.items():
-        _check_entry(path, name, entry, size - 8 - declared)
-    _check_layout(path, header, size - 8 - declared)
-    return header, metadata
-
-
-def _check_layout(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """The tensors' bytes must lie back to back from the start of the data to its end (safetensors' rule):
-    no two tensors share bytes, nothing is left between or after them."""
-    end = 0
-    for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
-        begin, stop = entry["data_offsets"]
-        if begin < end:
-            raise FormatError(f"{path}: tensor {name!r} at bytes [{begin}, {stop}) overlaps another tensor's bytes")
-        if begin > end:
-            raise FormatError(f"{path}: {begin - end} data bytes before tensor {name!r} belong to no tensor")
-        end = stop
-    if end != data_bytes:
-        raise FormatError(f"{path}: {data_bytes - end} data bytes after the last tensor belong to no tensor")
-
-
-def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
-    if dtype not in _ITEMSIZE:
-        raise FormatError(
-            f"{path}: tensor {name!r} has unknown dtype {dtype!r}; expected one of {sorted(_ITEMSIZE)}"
-        )
-    if not all(isinstance(n, int) and n >= 0 for n in shape) or not all(
-        isinstance(n, int) for n in (begin, end)
-    ):
-        raise FormatError(f"{path}: tensor {name!r} has an invalid shape {shape} or offsets {[begin, end]}")
-    if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
-        raise FormatError(
-            f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {math.prod(shape) * _ITEMSIZE[dtype]} "
-            f"bytes but its offsets [{begin}, {end}) hold {end - begin}"
-        )
-    if end > data_bytes:
-        raise FormatError(
-            f"{path}: tensor {name!r} ends at byte {end} of the data, but the file holds only {data_bytes} "
-            "data bytes (truncated download?)"
-        )
+    """(tensor entries, metadata) of a checked safetensors header (:func:`~..base.tensorfile.read_header`)."""
+    header = tensorfile.read_header(path)
+    return header.entries, header.metadata
 
 
 def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Checked load of a whole safetensors file to CPU, its digests verified when it has them: (tensors, metadata)."""
     tensors, metadata, _ = read_verified(path)
     return tensors, metadata
-
-
-def _data_start(path: str | PathLike[str]) -> int:
-    with open(path, "rb") as file:
-        return 8 + int.from_bytes(file.read(8), "little")
 
 
 def _recorded_digests(path, header: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str] | None:
@@ -199,11 +97,11 @@ def _compare_digests(path, recorded: Mapping[str, str], found: Mapping[str, str]
 
 def read_verified(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str] | None]:
     """:func:`read_safetensors` that also returns the verified per-tensor digests (None: the file has none)."""
-    header, metadata = read_header(path)
+    header, metadata, data_start = tensorfile.read_header(path)
     recorded = _recorded_digests(path, header, metadata)
     check_fits(sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), f"loading {path}")
     try:
-        tensors, found = read_file(os.fspath(path), header, _data_start(path), digests=recorded is not None)
+        tensors, found = read_file(os.fspath(path), header, data_start, digests=recorded is not None)
     except (OSError, EOFError, RuntimeError) as error:
         raise FormatError(f"{path}: could not be read as safetensors ({error})") from None
     if recorded is not None:
@@ -214,12 +112,12 @@ def read_verified(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[st
 def digest_status(path: str | PathLike[str]) -> str:
     """``ok`` when every digest of the file matches (read in bounded memory), ``no digest`` for a file written
     without them; FormatError naming what does not match."""
-    header, metadata = read_header(path)
+    header, metadata, data_start = tensorfile.read_header(path)
     recorded = _recorded_digests(path, header, metadata)
     if recorded is None:
         return "no digest"
     try:
-        _, found = read_file(os.fspath(path), header, _data_start(path), digests=True, keep=False)
+        _, found = read_file(os.fspath(path), header, data_start, digests=True, keep=False)
     except (OSError, EOFError) as error:
         raise FormatError(f"{path}: could not be read ({error})") from None
     _compare_digests(path, recorded, found)
@@ -254,7 +152,7 @@ def check_metadata_version(
 def check_weights(path: str | PathLike[str], tensors: Mapping[str, Tensor]) -> None:
     """Raise FormatError unless every tensor is floating point and finite (meta tensors: dtype only)."""
     for name, tensor in tensors.items():
-        if tensor.dtype not in _FLOAT_DTYPES:
+        if tensor.dtype not in FLOAT_DTYPES:
             raise FormatError(f"{path}: tensor {name!r} is {tensor.dtype}, expected a floating dtype")
         if tensor.is_meta or _all_finite(tensor):
             continue
@@ -299,7 +197,7 @@ def expect_shapes(
 def meta_tensors(header: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:
     """Data-less (meta device) tensors with the dtypes and shapes of a header, for cheap shape checks."""
     return {
-        name: torch.empty(entry["shape"], dtype=_TORCH_DTYPES.get(entry["dtype"], torch.uint8), device="meta")
+        name: torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]], device="meta")
         for name, entry in header.items()
     }
 
@@ -454,6 +352,7 @@ def sae_metadata(path: str | PathLike[str]) -> dict[str, str]:
 
 
 __all__ = [
+    "MAX_HEADER_BYTES",
     "PICKLE_SUFFIXES",
     "SAE_FORMAT",
     "SAE_VERSION",
@@ -466,6 +365,7 @@ __all__ = [
     "read_header",
     "read_safetensors",
     "read_verified",
+    "refuse_pickle",
     "remove_stale_temporaries",
     "sae_metadata",
     "save_sae",
