@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..base.layout import activations_to_rows
+from ..base.safefile import write_safetensors
 from ..base.tensorfile import DTYPES, read_header
-from ..sae.formats import write_safetensors
 
 SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"

@@ -270,10 +270,18 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.W_enc.dtype)
         return F.relu(F.linear(x - self.b_dec_flat, self.w_enc_flat, self.b_enc))
 
-    def encode(self, x: Tensor) -> SparseCode:
-        """x: (..., n_in) -> SparseCode with values/indices (..., k). Computes in the SAE's dtype."""
-        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=True)
+    def select(self, pre: Tensor) -> SparseCode:
+        """The TopK of dense pre-activations: (..., num_latents) -> SparseCode (..., k), values descending."""
+        values, indices = pre.topk(self.k, dim=-1, sorted=True)
         return SparseCode(values, indices)
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """x: (..., n_in) -> SparseCode with values/indices (..., k). Computes in the SAE's dtype.
+
+        The one encode: training (:mod:`~..dissect.train_step`), attribution and the intervention all code
+        with :meth:`pre_activations` and :meth:`select`.
+        """
+        return self.select(self.pre_activations(x))
 
     def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
         """Sum of ``values``-weighted decoder rows, without the bias.
