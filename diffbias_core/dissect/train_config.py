@@ -4,7 +4,7 @@ configuration for a number of rows (:func:`config_for_rows`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from .train_check import auto_batch_size
@@ -126,6 +126,25 @@ class TrainStats(NamedTuple):
     best_fvu: float
 
 
+@dataclass
+class TrainCounters:
+    """The running counters of a trainer (see :class:`TrainStats` for their meaning); ``variance`` is the
+    data's running per-row variance, ``initialized`` whether ``b_dec`` was set from data, ``extra`` strings
+    kept with the state and the provenance (a data position)."""
+
+    step: int = 0
+    rows: int = 0
+    skipped: int = 0
+    fvu: float = float("nan")
+    l0: float = float("nan")
+    auxk: float = 0.0
+    lr: float = 0.0
+    best_fvu: float = float("inf")
+    variance: float = float("nan")
+    initialized: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
 def rows_per_activation(row_shape: tuple[int, ...], kernel_size: int = 1) -> int:
     """SAE rows one activation gives: H*W for a (C, H, W) map and kernel 1, else 1."""
     return row_shape[1] * row_shape[2] if len(row_shape) == 3 and kernel_size == 1 else 1
@@ -150,4 +169,4 @@ def config_for_rows(num_latents: int, k: int, rows: int, **fields: Any) -> Train
     return TrainConfig(num_latents=num_latents, k=k, **values)
 
 
-__all__ = ["TrainConfig", "TrainStats", "config_for_rows", "rows_per_activation"]
+__all__ = ["TrainConfig", "TrainCounters", "TrainStats", "config_for_rows", "rows_per_activation"]

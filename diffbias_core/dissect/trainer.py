@@ -16,17 +16,17 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ..base.grad_mode import trainable
 from ..base.layout import activations_to_rows
 from ..sae.model import WEIGHTS, SparseAutoencoder
 from ..sae.native import save_sae
 from . import distributed as ddp
-from .train_config import TrainConfig, TrainStats
+from .train_config import TrainConfig, TrainCounters, TrainStats
 from .train_step import (
     VARIANCE_ROWS,
     Losses,
@@ -37,26 +37,17 @@ from .train_step import (
 )
 
 logger = logging.getLogger(__name__)
+
+
 _RUN_FIELDS = ("step", "rows", "skipped", "fvu", "l0", "auxk", "lr", "best_fvu", "variance")
-
-
-@dataclass
-class _Running:
-    step: int = 0
-    rows: int = 0
-    skipped: int = 0
-    fvu: float = float("nan")
-    l0: float = float("nan")
-    auxk: float = 0.0
-    lr: float = 0.0
-    best_fvu: float = float("inf")
-    variance: float = float("nan")
-    initialized: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+"""The :class:`~.train_config.TrainCounters` a state holds as numbers."""
 
 
 class SaeTrainer:
     """Trains one TopK SAE on rows fed in any amount.
+
+    Every method works inside ``torch.inference_mode()`` (as when ComfyUI samples): the trainer leaves it
+    where it makes or changes what it trains (construction, :meth:`feed`, :meth:`finish`, :meth:`load_state_dict`).
 
     Args:
         config: the :class:`TrainConfig`.
@@ -71,31 +62,24 @@ class SaeTrainer:
                  progress: Callable[[TrainStats], None] | None = None) -> None:  # fmt: skip
         self.config = config
         self.progress = progress
-        self.sae = SparseAutoencoder(
-            d_in,
-            config.num_latents,
-            config.k,
-            kernel_size=kernel_size,
-            hook=hook,
-            model_family=model_family,
-            dtype=torch.float32,
-            device="meta",
-        )
-        self.sae.to_empty(device=device or "cpu")
-        self.sae.reset_parameters(torch.Generator().manual_seed(config.seed))
-        self.params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
-        ddp.broadcast_([p.data for p in self.params])
-        self.optimizer = torch.optim.Adam(self.params, lr=config.base_lr)
+        with trainable():  # weights made inside inference mode could never be trained
+            self.sae = SparseAutoencoder(d_in, config.num_latents, config.k, kernel_size=kernel_size, hook=hook,
+                                         model_family=model_family, dtype=torch.float32, device="meta")  # fmt: skip
+            self.sae.to_empty(device=device or "cpu")
+            self.sae.reset_parameters(torch.Generator().manual_seed(config.seed))
+            self.params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+            ddp.broadcast_([p.data for p in self.params])
+            self.optimizer = torch.optim.Adam(self.params, lr=config.base_lr)
+            self.rows_since_fired = torch.zeros(config.num_latents, dtype=torch.int64, device=self.sae.device)
         self.world = ddp.world()[1]
         self.generator = torch.Generator().manual_seed(config.seed * 7919 + 1)  # one permutation everywhere
         self.capacity = config.batch_size * config.buffer_batches
         self.buffer: Tensor | None = None  # (capacity, n_in), allocated on the first feed
         self.fill = 0
         self._first_rows: Tensor | None = None
-        self.rows_since_fired = torch.zeros(config.num_latents, dtype=torch.int64, device=self.sae.device)
         self.best: SparseAutoencoder | None = None
         """A copy of the SAE at the lowest running FVU seen at a best-weights check."""
-        self.run = _Running()
+        self.run = TrainCounters()
         self.stopped = False
         """True once training has ended (stop requested, max_steps reached, or another process ran dry)."""
         self.interrupted = False
@@ -108,11 +92,10 @@ class SaeTrainer:
         x: (N, n_in) rows, (N, T, d_in) tokens or (N, d_in, H, W) maps (converted with
         :func:`~..base.layout.activations_to_rows`). Rows with a
         non-finite value are dropped and counted in ``stats.skipped``. Any dtype/device; trains in float32.
-        Works inside ``torch.inference_mode()`` / ``no_grad()`` (as when ComfyUI samples): training leaves them.
         """
         if self.stopped:
             return
-        with torch.inference_mode(False), torch.enable_grad():
+        with trainable():
             self._feed(x)
 
     def _feed(self, x: Tensor) -> None:
@@ -140,15 +123,15 @@ class SaeTrainer:
 
     def finish(self) -> TrainStats:
         """Train on what is left in the buffer (a last smaller batch included) and return the stats."""
-        if not self.stopped:
-            if self.buffer is not None and self.fill:
-                with torch.inference_mode(False), torch.enable_grad():
-                    self._drain(keep=0, partial=True)
+        with trainable():
             if not self.stopped:
-                ddp.all_agree(False, self.sae.device)  # release processes still waiting for a step
-            self.stopped = True
-        if not self.interrupted:  # a stop request keeps the state a resumed run would continue from
-            self._check_best()
+                if self.buffer is not None and self.fill:
+                    self._drain(keep=0, partial=True)
+                if not self.stopped:
+                    ddp.all_agree(False, self.sae.device)  # release processes still waiting for a step
+                self.stopped = True
+            if not self.interrupted:  # a stop request keeps the state a resumed run would continue from
+                self._check_best()
         return self.stats
 
     def end(self) -> None:
@@ -326,27 +309,30 @@ class SaeTrainer:
     ) -> None:
         """Restore a :meth:`state_dict` of a trainer with the same sizes; ``shuffle``: also the shuffle buffer
         and generator. Counters that a state of an older version lacks keep their defaults."""
-        dev = self.sae.device
-        with torch.no_grad():
-            for name in WEIGHTS:
-                param = getattr(self.sae, name)
-                param.copy_(tensors[f"param.{name}"])
-                state = {key.rsplit(".", 1)[1]: value.to(dev) for key, value in tensors.items()
-                         if key.startswith(f"adam.{name}.")}  # fmt: skip
-                if state:
-                    state["step"] = state["step"].reshape(()).cpu()
-                    self.optimizer.state[param] = state
-            if "best.W_dec" in tensors:
-                self.best = self.sae.copy_to()
-                for name in WEIGHTS:
-                    getattr(self.best, name).copy_(tensors[f"best.{name}"])
-            self.rows_since_fired.copy_(tensors["rows_since_fired"])
+        with trainable(), torch.no_grad():
+            self._load_tensors(tensors, shuffle)
         run = json.loads(facts["run"])
         for name in _RUN_FIELDS:
             if name in run:
                 setattr(self.run, name, type(getattr(self.run, name))(run[name]))
         self.run.initialized = facts["initialized"] == "True"
         self.run.extra = json.loads(facts.get("extra", "{}"))
+
+    def _load_tensors(self, tensors: Mapping[str, Tensor], shuffle: bool) -> None:
+        dev = self.sae.device
+        for name in WEIGHTS:
+            param = getattr(self.sae, name)
+            param.copy_(tensors[f"param.{name}"])
+            state = {key.rsplit(".", 1)[1]: value.to(dev, copy=True) for key, value in tensors.items()
+                     if key.startswith(f"adam.{name}.")}  # fmt: skip
+            if state:
+                state["step"] = state["step"].reshape(()).cpu()
+                self.optimizer.state[param] = state
+        if "best.W_dec" in tensors:
+            self.best = self.sae.copy_to()
+            for name in WEIGHTS:
+                getattr(self.best, name).copy_(tensors[f"best.{name}"])
+        self.rows_since_fired.copy_(tensors["rows_since_fired"])
         if shuffle:
             self.generator.set_state(tensors["generator"])
             if "buffer" in tensors:

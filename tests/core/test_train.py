@@ -224,6 +224,20 @@ def test_feeding_inside_inference_mode_trains(planted):
     torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec, rtol=0, atol=0)
 
 
+def test_a_whole_run_and_a_resume_inside_inference_mode_equal_the_same_outside(tmp_path, planted):
+    """A ComfyUI node calls the trainer in inference mode, with inference tensors: the trainer is built, fed,
+    checkpointed and resumed there, and trains exactly as outside."""
+    x, _ = planted.planted_rows(15, width=8, atoms=8, k=2, rows=800, noise=0.01)
+    results = {}
+    for mode in ("inference", "grad"):
+        with torch.inference_mode(mode == "inference"):
+            rows = x.clone()  # an inference tensor in the first round
+            ck = tmp_path / f"{mode}.safetensors"
+            train_sae(_source(rows), _config(epochs=1), checkpoint=ck)
+            results[mode] = train_sae(_source(rows), _config(epochs=2), checkpoint=ck, resume=True).sae
+    assert results["inference"].fingerprint() == results["grad"].fingerprint()
+
+
 def test_kernel_sae_training_lowers_fvu():
     g = torch.Generator().manual_seed(8)
     basis = torch.randn(6, 3 * 2 * 2, generator=g)
