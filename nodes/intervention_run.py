@@ -161,10 +161,13 @@ def edit_weights(
         rows = handle.decoder_rows(latents).to(dtype)  # (U, n_in): the SAE in the model's dtype, as below
         return EditWeights(table, None, class_deltas(rows, latents, table, spec))
     sae = handle.load()
-    weights = (getattr(sae, name).detach().to(dtype) for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    copy = SparseAutoencoder.from_weights(
-        *weights, sae.k, hook=sae.hook, model_family=sae.model_family, provenance=sae.provenance
-    )
+    if sae.dtype != dtype:
+        copy = sae.copy_to(dtype=dtype)  # the model's compute dtype, as the edit computes in the SAE's dtype
+    else:  # a module of its own over the same tensors: ComfyUI moves it in place, the wire's SAE stays put
+        weights = (getattr(sae, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+        copy = SparseAutoencoder.from_weights(
+            *weights, sae.k, hook=sae.hook, model_family=sae.model_family, provenance=sae.provenance
+        )
     return EditWeights(table, copy, None)
 
 

@@ -29,22 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base.tensorfile import TORCH_DTYPES, byte_view
-from .formats import (
-    FormatError,
-    _all_finite,
-    _data_start,
-    _native_parts,
-    _read_native_header,
-    _recorded_digests,
-    build_sae,
-    load_sae,
-    meta_tensors,
-    read_header,
-    refuse_pickle,
-)
+from ..base.safefile import _all_finite, _recorded_digests, meta_tensors
+from ..base.tensorfile import TORCH_DTYPES, FormatError, byte_view, read_header, refuse_pickle
+from .formats import load_sae
 from .importers import _detect, import_folder, layout_folder
 from .model import SparseAutoencoder
+from .native import _native_parts, _read_native_header, build_sae
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +121,13 @@ class SaeHandle:
         """(name, header entry, data start) of the tensor holding contiguous decoder rows, or None."""
         if self.layout not in _ROW_TENSOR or (self.layout == "difflens" and self.kernel_size == 1):
             return None
-        header, _ = read_header(self.path)
+        header = read_header(self.path)
         name = _ROW_TENSOR[self.layout]
-        return name, header[name], _data_start(self.path)
+        return name, header.entries[name], header.data_start
 
     def _verify_decoder(self) -> str:
         """Stream the decoder once: its recorded digest (native files with digests), finiteness, fingerprint."""
-        header, metadata = read_header(self.path)
+        header, metadata, _ = read_header(self.path)
         recorded = _recorded_digests(self.path, header, metadata) if self.layout == "native" else None
         name, entry, start = self._row_tensor()
         shape, dtype = tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]]
@@ -194,7 +184,7 @@ def open_sae(
             for name in ("sae.safetensors", "sae_weights.safetensors")
             if (folder / name).is_file()
         )  # import_folder checked there is one
-        layout = _detect(weight, read_header(weight)[0])
+        layout = _detect(weight, read_header(weight).entries)
     else:
         header, metadata = _read_native_header(path)
         k, provenance = _native_parts(path, header, metadata)
