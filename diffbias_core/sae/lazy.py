@@ -7,7 +7,7 @@ the file (:meth:`SaeHandle.decoder_rows`); an edit that needs the encoder, a tra
 
 Integrity of what is read: the decoder is verified before its first row is used. A native file with digests
 has its header digest checked and its whole ``W_dec`` hashed against the recorded digest, streamed in chunks
-(about 2 MB at a time, whatever the file's size), together with a finiteness check; the fingerprint then is
+(1 MiB at a time, whatever the file's size), together with a finiteness check; the fingerprint then is
 the recorded one (which the verified header covers). A file without digests has its fingerprint computed from
 the same stream and compared with the recorded one when there is one. The encoder and biases are not read,
 so damage there shows only when the whole SAE is loaded.
@@ -38,7 +38,7 @@ from .native import _native_parts, _read_native_header, build_sae
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_BYTES = 2 * 2**20
+_CHUNK_BYTES = 2**20
 _ROW_TENSOR = {"native": "W_dec", "sparsify": "W_dec", "difflens": "decoder.weight"}
 """The tensor whose rows are the canonical decoder rows, per layout (DiffLens: only for kernel > 1)."""
 

@@ -18,8 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import comfy.sample  # noqa: E402  (after reliability_checks set ComfyUI to the CPU)
+import comfy.cli_args
 import torch
+
+comfy.cli_args.args.cpu = True  # before the first import of comfy.model_management
+
+import comfy.sample  # noqa: E402
 from reliability_checks import PromptClip, load_plugin, plugin_module, small_unet  # noqa: E402
 
 WIDTH, KERNEL, LATENTS, K = 128, 8, 4096, 64

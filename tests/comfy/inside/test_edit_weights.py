@@ -112,3 +112,20 @@ def test_comfyui_loads_counts_unloads_and_frees_the_sae_of_an_encoder_edit(setup
     del patched, weights, listed
     gc.collect()
     assert module() is None, "the edit's SAE module outlived the patched model"
+
+
+def test_the_batch_layout_of_a_cfg_call(plugin):
+    """The seams module maps ComfyUI's cond_or_uncond chunks to rows (what rows_for_images did in the core)."""
+    patching = plugin.module("nodes.patching")
+    assert patching.chosen_chunks({"cond_or_uncond": [1, 0]}, 6, True) == ([1], 2, 3)
+    assert patching.chosen_chunks({"cond_or_uncond": [0, 1, 0]}, 6, True) == ([0, 2], 3, 2)
+    assert patching.chosen_chunks({"cond_or_uncond": [1, 0]}, 6, False) == ([0, 1], 2, 3)
+    assert patching.chosen_chunks({}, 3, True) == ([0], 1, 3), (
+        "without cond_or_uncond the batch is one cond chunk"
+    )
+    with pytest.raises(ValueError, match=r"a batch of 5 rows does not split into 2 equal chunks"):
+        patching.chosen_chunks({"cond_or_uncond": [0, 1]}, 5, True)
+    image_class = torch.tensor([1, 0, -2])
+    assert patching.row_classes(image_class, 2, 6).tolist() == [1, 0, -2, 1, 0, -2]
+    with pytest.raises(ValueError, match=r"hold 2 rows each, but classes were assigned to 3 images"):
+        patching.row_classes(image_class, 2, 4)
