@@ -18,12 +18,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..attribute.probes import holdout_samples
 from ..base.atomic import check_writable_name
 from ..base.layout import activations_to_rows
 from ..sae.model import SparseAutoencoder
 from . import distributed as ddp
-from .activations import ActivationSource
+from .activations import ActivationSource, holdout_samples
 from .train_check import (
     MIN_JUDGE_ROWS,
     HeldOut,

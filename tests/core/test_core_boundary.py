@@ -98,6 +98,22 @@ def test_the_core_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+STAGE_ORDER = ("base", "sae", "dissect", "attribute", "intervene", "measure", "cli", "toy")
+"""The stages from the bottom up: a module imports only from its own stage or one below (the package's own
+``__init__`` and ``__main__``, above them all, re-export and dispatch)."""
+
+
+def _stage(module: str) -> int:
+    parts = module.split(".")
+    return STAGE_ORDER.index(parts[1]) if len(parts) > 1 and parts[1] in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def test_stages_import_only_downwards():
+    edges = import_edges(core_modules())
+    upward = sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets if _stage(b) > _stage(a))
+    assert upward == []
+
+
 def test_the_cycle_finder_finds_a_lazy_import_cycle(tmp_path, monkeypatch):
     """The check above can fail: a function-level import that closes a loop is reported with its path."""
     package = tmp_path / "diffbias_core"
