@@ -114,7 +114,7 @@ class StepProbes:
 
 def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = x.mean(0)
-    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + x.abs().max()))
+    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + torch.maximum(x.max(), -x.min())))  # max |x|, no copy
     return mean, std
 
 
@@ -125,14 +125,15 @@ def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
     Works inside ``torch.inference_mode()`` (as in a ComfyUI node): the fit leaves it. ``should_stop`` is
     polled at every loss evaluation; True raises :class:`~.progress.Cancelled`.
     """
-    with torch.inference_mode(False):
-        return _fit_logistic(x.clone(), y.clone(), classes, config, should_stop)
+    with torch.inference_mode(False):  # inference tensors cannot enter autograd: copy those only
+        x, y = (t.clone() if t.is_inference() else t for t in (x, y))
+        return _fit_logistic(x, y, classes, config, should_stop)
 
 
 def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
                   should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     mean, std = _standardise(x)
-    z = (x - mean) / std  # (N, F)
+    z = (x - mean).div_(std)  # (N, F), one copy of x
     weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
 
@@ -180,7 +181,7 @@ def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
 
 def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int,
               should_stop: Callable[[], bool] | None = None):  # fmt: skip
-    labelled = batch.select(batch.label >= 0)
+    labelled = batch if bool((batch.label >= 0).all()) else batch.select(batch.label >= 0)  # no copy if all are
     test = torch.isin(labelled.sample, held)
     x = labelled.activations.reshape(labelled.num_rows, -1).float()  # (N, features)
     y = labelled.label
