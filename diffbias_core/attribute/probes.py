@@ -211,16 +211,18 @@ def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
         raise ValueError(f"probes need at least two classes, the activations name {list(source.classes)}")
     steps = source.steps()
     held = holdout_samples(source.column("sample"), config.holdout, config.seed)
-    results = []
+    stacked: list[Tensor] = []  # weight (S, classes, F), bias, accuracy, train_accuracy, heldout (S, ...)
     for i, step in enumerate(steps):  # one step in memory at a time
         check_stop(should_stop)
-        results.append(_fit_step(source.select_step(step), held, source.classes, config, step, should_stop))
+        result = _fit_step(source.select_step(step), held, source.classes, config, step, should_stop)
+        with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)
+            if not stacked:  # filled in place: no second copy of every step's weights
+                stacked = [part.new_empty(len(steps), *part.shape) for part in result]
+            for out, part in zip(stacked, result, strict=True):
+                out[i] = part
         if progress is not None:
             progress(i + 1, len(steps))
-    with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)
-        weight, bias, accuracy, train_accuracy, heldout = (
-            torch.stack(parts) for parts in zip(*results, strict=True)
-        )
+    weight, bias, accuracy, train_accuracy, heldout = stacked
     return StepProbes(torch.tensor(steps, dtype=torch.int64), weight, bias, classes=source.classes,
                       hook=source.hook, row_shape=source.row_shape, accuracy=accuracy,
                       train_accuracy=train_accuracy, heldout=heldout)  # fmt: skip

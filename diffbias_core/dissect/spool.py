@@ -109,15 +109,15 @@ class StepShards:
 
     def _read(self, rows: Tensor) -> ActivationBatch:
         """The rows ``rows`` (sorted (M,) int64 global indices): one allocation for the activations (M, ...)."""
-        out = None
-        for file in self._file[rows].unique().tolist():
-            mine = self._file[rows] == file
+        out = torch.empty(len(rows), *self.row_shape, dtype=self.read_dtype)  # (M, *row_shape)
+        files = self._file[rows]
+        done = 0
+        for file in files.unique().tolist():  # sorted rows: each file's rows are one run of ``out``
+            mine = rows[files == file]
             reader = ShardReader(self.paths[file])
-            part = reader.rows(self._offset[rows[mine]].numpy()).activations
-            if out is None:
-                out = torch.empty(len(rows), *self.row_shape, dtype=self.read_dtype)  # (M, *row_shape)
-            out[mine] = part  # casts to ``dtype``
-            del reader, part
+            out[done : done + len(mine)].copy_(reader.rows(self._offset[mine].numpy()).activations)  # casts
+            done += len(mine)
+            del reader  # unmapped: the pages read do not stay resident
         columns = self._columns.select(rows)
         return ActivationBatch(out, *columns[1:])
 
