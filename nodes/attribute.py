@@ -190,7 +190,8 @@ class AttributeFeatures(io.ComfyNode):
                 io.String.Output(
                     "probe_accuracy",
                     display_name="probe_accuracy",
-                    tooltip="Held-out accuracy of the probe at every sampling step (chance = 1 / classes).",
+                    tooltip="Held-out accuracy of the probe at every sampling step (chance = 1 / classes), "
+                    "then the memory the run needed (RAM at its peak, temporary disk).",
                 ),
                 io.String.Output(
                     "report",

@@ -148,10 +148,15 @@ class ActivationSpool:
         self.close()
 
     def add(self, batch: ActivationBatch) -> None:
-        """Keep ``batch`` (copied to the CPU); writes a shard whenever ``chunk_bytes`` are buffered."""
+        """Keep ``batch`` (copied to the CPU); what is buffered is written as a shard before it would pass
+        ``chunk_bytes`` (a batch larger than that is a shard of its own), so the buffer and the copy joining it
+        stay within ``2 * chunk_bytes``."""
         batch = ActivationBatch(*(field.detach().cpu() for field in batch))
+        size = batch.activations.numel() * batch.activations.element_size()
+        if self._pending and self._pending_bytes + size > self.chunk_bytes:
+            self.flush()
         self._pending.append(batch)
-        self._pending_bytes += batch.activations.numel() * batch.activations.element_size()
+        self._pending_bytes += size
         if self._pending_bytes >= self.chunk_bytes:
             self.flush()
 

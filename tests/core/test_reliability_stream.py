@@ -23,7 +23,7 @@ from diffbias_core.attribute.probes import ProbeConfig, fit_probes
 from diffbias_core.base import memory
 from diffbias_core.base.progress import Cancelled
 from diffbias_core.cli import dissect as cli_dissect
-from diffbias_core.dissect.activations import MemorySource, concat_batches, write_shard
+from diffbias_core.dissect.activations import MemorySource, concat_batches, read_shard, write_shard
 from diffbias_core.dissect.spool import ActivationSpool, StepShards, spool_folders
 from diffbias_core.sae.formats import save_sae
 from diffbias_core.sae.model import SparseAutoencoder
@@ -56,7 +56,7 @@ def test_reliability_spooled_attribution_equals_the_in_memory_path(tmp_path, pla
     parts = _recorded(problem.batch, 3)
     memory = MemorySource(concat_batches(parts), hook="test.hook", classes=problem.classes)
     config = AttributionConfig(method=method, baseline=baseline, top_k=6, points=4)
-    with ActivationSpool(tmp_path, hook="test.hook", classes=problem.classes, chunk_bytes=6000) as spool:
+    with ActivationSpool(tmp_path, hook="test.hook", classes=problem.classes, chunk_bytes=8000) as spool:
         for part in parts:
             spool.add(part)
         source = spool.source()
@@ -130,8 +130,8 @@ def test_reliability_cli_attribute_streams_the_same_features(tmp_path, planted, 
                               "--probe-iterations", "20"])  # fmt: skip
     assert args.run(args) == 0
     assert "of RAM at most" in capsys.readouterr().out
-    source = StepShards(paths)
-    memory = MemorySource(source._read(torch.arange(source.num_rows)), hook="toy.mid", classes=problem.classes)
+    assert StepShards(paths).num_rows == problem.batch.num_rows
+    memory = MemorySource(concat_batches([read_shard(p)[0] for p in paths]), hook="toy.mid", classes=problem.classes)
     config = AttributionConfig(top_k=4, points=4)
     expected = attribute(sae, memory, config, fit_probes(memory, ProbeConfig(iterations=20, holdout=0.25)))
     written = load_features(tmp_path / "f.safetensors")
@@ -238,3 +238,18 @@ def test_reliability_attribution_peak_memory_grows_with_one_step_not_all_steps()
     kept_few, kept_many = _measure("memory", 2), _measure("memory", 6)
     assert kept_many["grown"] - kept_few["grown"] > 1.5 * 4 * step, (kept_few, kept_many)
     assert few["ids"] == kept_few["ids"] and many["ids"] == kept_many["ids"]  # the same features either way
+
+
+def test_step_shards_refuse_shards_that_disagree(tmp_path):
+    """StepShards, like ShardSet, names both files when two shards disagree on hook or row shape."""
+    from diffbias_core.dissect.activations import make_batch
+
+    write_shard(tmp_path / "a.safetensors", make_batch(torch.randn(2, 3), 0), hook="h")
+    write_shard(tmp_path / "b.safetensors", make_batch(torch.randn(2, 3), 0), hook="other")
+    write_shard(tmp_path / "c.safetensors", make_batch(torch.randn(2, 4), 0), hook="h")
+    with pytest.raises(ValueError, match=r"hook: .*a\.safetensors has 'h', .*b\.safetensors has 'other'"):
+        StepShards([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    with pytest.raises(ValueError, match=r"row shape: .*c\.safetensors"):
+        StepShards([tmp_path / "a.safetensors", tmp_path / "c.safetensors"])
+    with pytest.raises(ValueError, match="no activations of step 5"):
+        StepShards([tmp_path / "a.safetensors"]).select_step(5)
