@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import SparseAutoencoder
 from ..diffbias_core.attribute.attribution import AttributionConfig, attribute
+from ..diffbias_core.attribute.budget import AttributionMemory, attribution_memory, check_attribution_fits
 from ..diffbias_core.attribute.probes import ProbeConfig, fit_probes
-from ..diffbias_core.base.memory import activation_bytes, check_fits, format_bytes
 from ..diffbias_core.base.progress import Cancelled
-from ..diffbias_core.dissect.activations import ActivationBatch, MemorySource, concat_batches, make_batch
+from ..diffbias_core.dissect.activations import make_batch
+from ..diffbias_core.dissect.spool import ActivationSpool
 from ..diffbias_core.sae.lazy import SaeHandle
 from .charts import feature_chart, features_report
 from .model_info import check_hook, parse_hook
@@ -39,15 +42,21 @@ def as_map(activations: torch.Tensor) -> torch.Tensor:
     return activations.permute(0, 2, 1).unsqueeze(-1)  # (n, T, C) -> (n, C, T, 1)
 
 
-def check_map_size(model, sae: SparseAutoencoder | SaeHandle, point, width: int, height: int) -> None:
-    """Before sampling: a K x K-kernel SAE at the UNet bottleneck needs a K x K map at this image size."""
-    if sae.kernel_size == 1 or point.name != "unet.middle":
-        return
+def bottleneck_size(model, width: int, height: int) -> tuple[list[int], int]:
+    """([h, w] of the UNet bottleneck map at this image size, the UNet's number of halvings)."""
     net = model.get_model_object("diffusion_model")
     halvings = sum(isinstance(m, Downsample) for m in net.input_blocks.modules())
     size = [height // 8, width // 8]  # the latent (empty_latent)
     for _ in range(halvings):
         size = [-(-n // 2) for n in size]  # a stride-2 convolution with padding 1: ceil(n / 2)
+    return size, halvings
+
+
+def check_map_size(model, sae: SparseAutoencoder | SaeHandle, point, width: int, height: int) -> None:
+    """Before sampling: a K x K-kernel SAE at the UNet bottleneck needs a K x K map at this image size."""
+    if sae.kernel_size == 1 or point.name != "unet.middle":
+        return
+    size, halvings = bottleneck_size(model, width, height)
     if size != [sae.kernel_size, sae.kernel_size]:
         scale = 8 * 2**halvings
         raise ValueError(
@@ -55,6 +64,54 @@ def check_map_size(model, sae: SparseAutoencoder | SaeHandle, point, width: int,
             f"at {width}x{height} the map is {size[1]}x{size[0]}; set width and height to "
             f"{sae.kernel_size * scale} (the size it was trained for) or use a per-token SAE"
         )
+
+
+def expected_shape(model, sae: SparseAutoencoder | SaeHandle, point, width: int, height: int) -> tuple[int, ...] | None:
+    """The (C, H, W) activation a hook point records at this image size, where the model tells it before
+    sampling (the UNet bottleneck); None where only the first recorded activation tells."""
+    if point.name != "unet.middle":
+        return None
+    size, _ = bottleneck_size(model, width, height)
+    return (sae.d_in, *size)
+
+
+def recorded_itemsize(model) -> int:
+    """Bytes per value of the activations the model will record (its compute dtype; float32 at most)."""
+    try:
+        dtype = model.get_model_object("manual_cast_dtype") or model.model_dtype()
+    except AttributeError:  # a model without these: assume float32
+        return 4
+    return min(4, torch.empty(0, dtype=dtype).element_size())
+
+
+def spooled(activations: torch.Tensor) -> torch.Tensor:
+    """Activations as they are spooled: float16/bfloat16/float32 as recorded, anything else as float32."""
+    keep = (torch.float16, torch.bfloat16, torch.float32)
+    return activations if activations.dtype in keep else activations.float()
+
+
+class MemoryBudget:
+    """What one Attribute run needs (RAM and temporary disk), planned for an activation shape and dtype and
+    checked against the machine; planned again when the recorded activations turn out otherwise."""
+
+    def __init__(self, sae: SparseAutoencoder | SaeHandle, images: int, steps: int, classes: int,
+                 configs: tuple[AttributionConfig, ProbeConfig], folder: str) -> None:  # fmt: skip
+        self.sae, self.images, self.steps, self.classes = sae, images, steps, classes
+        self.configs, self.folder = configs, folder
+        self.need: AttributionMemory | None = None
+        self._planned: tuple | None = None
+
+    def check(self, row_shape: tuple[int, ...], itemsize: int) -> AttributionMemory:
+        """Plan for activations (C, H, W) of ``itemsize`` bytes a value; MemoryError / OSError when they cannot fit."""
+        if self._planned != (row_shape, itemsize):
+            need = attribution_memory(self.sae, row_shape, images=self.images, steps=self.steps,
+                                      classes=self.classes, attribution=self.configs[0], probes=self.configs[1],
+                                      recorded_itemsize=itemsize)  # fmt: skip
+            logger.info("Attribute Bias Features: %d activations of shape %s: %s", self.images * self.steps,
+                        row_shape, need.describe())  # fmt: skip
+            check_attribution_fits(need, self.folder, f"attributing {self.images} images x {self.steps} steps")
+            self.need, self._planned = need, (row_shape, itemsize)
+        return self.need
 
 
 class AttributeFeatures(io.ComfyNode):
@@ -126,7 +183,8 @@ class AttributeFeatures(io.ComfyNode):
                 io.String.Output(
                     "probe_accuracy",
                     display_name="probe_accuracy",
-                    tooltip="Held-out accuracy of the probe at every sampling step (chance = 1 / classes).",
+                    tooltip="Held-out accuracy of the probe at every sampling step (chance = 1 / classes), "
+                    "then the memory the run needed (RAM at its peak, temporary disk).",
                 ),
                 io.String.Output(
                     "report",
@@ -166,38 +224,47 @@ class AttributeFeatures(io.ComfyNode):
         runs = plan_runs(len(prompts), [samples] * len(prompts), batch_size, seed, paired=True)
         sampled = len(runs) * steps  # progress: sampling, then probes and ranking (steps units each)
         progress = comfy.utils.ProgressBar(sampled + 2 * steps)
-        parts: list[ActivationBatch] = []
+        config = AttributionConfig(method=METHODS[method], top_k=top_k)
+        probe_config = ProbeConfig(seed=seed % 2**31)
+        temp = folder_paths.get_temp_directory()
+        os.makedirs(temp, exist_ok=True)
+        images = len(prompts) * samples
+        budget = MemoryBudget(info, images, steps, len(names), (config, probe_config), temp)
+        shape = expected_shape(model, info, point, width, height)
+        if shape is not None:  # known before sampling: refuse before the first model call
+            budget.check(shape, recorded_itemsize(model))
         current = {}
-        memory: dict[str, int] = {}
+        with ActivationSpool(temp, hook=point.name, classes=names) as spool:  # removed on error, cancel too
 
-        def sink(captured: Captured) -> None:
-            if not parts:  # the first activation: say what all of them will need, refuse what cannot fit
-                need = activation_bytes(len(prompts) * samples, steps, tuple(captured.activations.shape[1:]))
-                memory["need"] = need
-                logger.info("Attribute Bias Features keeps %d activations of shape %s: %s (up to twice that while "
-                            "they are joined)", len(prompts) * samples * steps, tuple(captured.activations.shape[1:]),
-                            format_bytes(need))  # fmt: skip
-                check_fits(2 * need, f"keeping the activations of {len(prompts) * samples} images x {steps} steps")
-            run = current["run"]
-            parts.append(
-                make_batch(
-                    as_map(captured.activations).float().cpu(),
-                    captured.step,
-                    label=run.prompt,
-                    sample=captured.image + run.first,
-                    timestep=captured.sigma,
+            def sink(captured: Captured) -> None:
+                acts = spooled(as_map(captured.activations))
+                budget.check(tuple(acts.shape[1:]), acts.element_size())  # the real shape, dtype: before a write
+                run = current["run"]
+                spool.add(make_batch(acts, captured.step, label=run.prompt, sample=captured.image + run.first,
+                                     timestep=captured.sigma))  # fmt: skip
+
+            recording = add_recorder(model, point, sink)
+            negative = encode(clip, negative_prompt)
+            settings = RunSettings(steps, cfg, sampler_name, scheduler)
+            for run in runs:
+                current["run"] = run
+                latent = empty_latent(model, run.batch, width, height)
+                sample(
+                    recording, encode(clip, prompts[run.prompt]), negative, latent, run.seed, settings, progress
                 )
-            )
 
-        recording = add_recorder(model, point, sink)
-        negative = encode(clip, negative_prompt)
-        settings = RunSettings(steps, cfg, sampler_name, scheduler)
-        for run in runs:
-            current["run"] = run
-            latent = empty_latent(model, run.batch, width, height)
-            sample(
-                recording, encode(clip, prompts[run.prompt]), negative, latent, run.seed, settings, progress
-            )
+            def phase(offset: int):
+                return lambda done, total: progress.update_absolute(offset + done * steps // max(total, 1))
+
+            stop = comfy.model_management.processing_interrupted  # Cancel, polled inside the fits and IG
+            try:
+                # the core leaves inference mode where it fits probes and runs IG (base/grad_mode.trainable)
+                source = spool.source(torch.float32)  # read back one step at a time
+                probes = fit_probes(source, probe_config, progress=phase(sampled), should_stop=stop)
+                features = attribute(sae.sae, source, config, probes, progress=phase(sampled + steps),
+                                     should_stop=stop)  # fmt: skip
+            except Cancelled:
+                raise comfy.model_management.InterruptProcessingException() from None
         facts = {
             "prompts": " | ".join(prompts),
             "negative_prompt": negative_prompt,
@@ -208,25 +275,11 @@ class AttributeFeatures(io.ComfyNode):
             "seed": str(seed),
             "size": f"{width}x{height}",
         }
-        def phase(offset: int):
-            return lambda done, total: progress.update_absolute(offset + done * steps // max(total, 1))
-
-        stop = comfy.model_management.processing_interrupted  # Cancel, polled inside the fits and IG
-        try:
-            # the core leaves inference mode where it fits probes and runs IG (base/grad_mode.trainable)
-            source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
-            probes = fit_probes(source, ProbeConfig(seed=seed % 2**31), progress=phase(sampled),
-                                should_stop=stop)  # fmt: skip
-            config = AttributionConfig(method=METHODS[method], top_k=top_k)
-            features = attribute(sae.sae, source, config, probes, progress=phase(sampled + steps),
-                                 should_stop=stop)  # fmt: skip
-        except Cancelled:
-            raise comfy.model_management.InterruptProcessingException() from None
         features = dataclasses.replace(features, provenance={**features.provenance, **facts})
         progress.update_absolute(sampled + 2 * steps)
         accuracy = [float(a) for a in probes.accuracy]
         text = ", ".join(f"{int(s)}: {a:.2f}" for s, a in zip(probes.steps.tolist(), accuracy, strict=True))
-        text += f" (activations kept: {format_bytes(memory.get('need', 0))})"
+        text += f" (memory: {budget.need.describe()})"
         report, warnings = features_report(features, top_k)
         chart = feature_chart(features, top_k=min(top_k, 20), accuracy=[a for a in accuracy if a == a],
                               notes=warnings)  # fmt: skip

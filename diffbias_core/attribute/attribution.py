@@ -186,8 +186,9 @@ def ig_scores(sae: SparseAutoencoder, probes: StepProbes, source: ActivationSour
     latent_ig = error_ig = 0.0
     steps = source.steps()
     for done, step in enumerate(steps):
-        batch = source.select_step(step)
-        batch = batch.select(batch.label >= 0)
+        batch = source.select_step(step)  # one step in memory at a time
+        if not bool((batch.label >= 0).all()):
+            batch = batch.select(batch.label >= 0)
         partners = _partners(batch, step, classes) if config.baseline == "paired" else None
         per_row = config.points * math.prod(source.row_shape)
         chunk = max(1, _ELEMENTS // max(1, per_row * (1 if partners is None else partners.shape[1])))

@@ -115,7 +115,7 @@ class StepProbes:
 
 def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = x.mean(0)
-    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + x.abs().max()))
+    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + torch.maximum(x.max(), -x.min())))  # max |x|, no copy
     return mean, std
 
 
@@ -126,14 +126,15 @@ def fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
     Works inside ``torch.inference_mode()`` (as in a ComfyUI node): the fit leaves it. ``should_stop`` is
     polled at every loss evaluation; True raises :class:`~.progress.Cancelled`.
     """
-    with torch.inference_mode(False):
-        return _fit_logistic(x.clone(), y.clone(), classes, config, should_stop)
+    with torch.inference_mode(False):  # inference tensors cannot enter autograd: copy those only
+        x, y = (t.clone() if t.is_inference() else t for t in (x, y))
+        return _fit_logistic(x, y, classes, config, should_stop)
 
 
 def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
                   should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     mean, std = _standardise(x)
-    z = (x - mean) / std  # (N, F)
+    z = (x - mean).div_(std)  # (N, F), one copy of x
     weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
 
@@ -171,7 +172,7 @@ def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
 
 def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int,
               should_stop: Callable[[], bool] | None = None):  # fmt: skip
-    labelled = batch.select(batch.label >= 0)
+    labelled = batch if bool((batch.label >= 0).all()) else batch.select(batch.label >= 0)  # no copy if all are
     test = torch.isin(labelled.sample, held)
     x = labelled.activations.reshape(labelled.num_rows, -1).float()  # (N, features)
     y = labelled.label
@@ -201,16 +202,18 @@ def fit_probes(source: ActivationSource, config: ProbeConfig = ProbeConfig(), *,
         raise ValueError(f"probes need at least two classes, the activations name {list(source.classes)}")
     steps = source.steps()
     held = holdout_samples(source.column("sample"), config.holdout, config.seed)
-    results = []
+    stacked: list[Tensor] = []  # weight (S, classes, F), bias, accuracy, train_accuracy, heldout (S, ...)
     for i, step in enumerate(steps):  # one step in memory at a time
         check_stop(should_stop)
-        results.append(_fit_step(source.select_step(step), held, source.classes, config, step, should_stop))
+        result = _fit_step(source.select_step(step), held, source.classes, config, step, should_stop)
+        with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)
+            if not stacked:  # filled in place: no second copy of every step's weights
+                stacked = [part.new_empty(len(steps), *part.shape) for part in result]
+            for out, part in zip(stacked, result, strict=True):
+                out[i] = part
         if progress is not None:
             progress(i + 1, len(steps))
-    with torch.inference_mode(False):  # probes made in a ComfyUI node must still serve autograd (IG)
-        weight, bias, accuracy, train_accuracy, heldout = (
-            torch.stack(parts) for parts in zip(*results, strict=True)
-        )
+    weight, bias, accuracy, train_accuracy, heldout = stacked
     return StepProbes(torch.tensor(steps, dtype=torch.int64), weight, bias, classes=source.classes,
                       hook=source.hook, row_shape=source.row_shape, accuracy=accuracy,
                       train_accuracy=train_accuracy, heldout=heldout)  # fmt: skip

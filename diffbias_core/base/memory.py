@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 
 def format_bytes(count: float) -> str:
@@ -35,9 +37,31 @@ def check_fits(needed: int, what: str) -> None:
         )
 
 
+def free_disk(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the disk of ``folder`` (or of its nearest existing parent); None where that is not known."""
+    place = os.path.abspath(folder)
+    while not os.path.isdir(place) and os.path.dirname(place) != place:
+        place = os.path.dirname(place)
+    try:
+        return shutil.disk_usage(place).free
+    except OSError:
+        return None
+
+
+def check_disk_fits(needed: int, folder: str | os.PathLike, what: str) -> None:
+    """Raise OSError saying what needs how much, before writing ``needed`` bytes into ``folder`` that has not
+    that much free space (a folder that does not exist yet: its nearest existing parent)."""
+    free = free_disk(folder)
+    if free is not None and needed > free:
+        raise OSError(
+            f"{what} needs {format_bytes(needed)} of disk in {folder}, but only {format_bytes(free)} is free; "
+            "free disk space or make it smaller"
+        )
+
+
 def activation_bytes(images: int, steps: int, row_shape: tuple[int, ...], itemsize: int = 4) -> int:
     """Bytes of one recorded activation per image and step: images * steps * prod(row_shape) * itemsize."""
     return images * steps * math.prod(row_shape) * itemsize
 
 
-__all__ = ["activation_bytes", "available_memory", "check_fits", "format_bytes"]
+__all__ = ["activation_bytes", "available_memory", "check_disk_fits", "check_fits", "format_bytes", "free_disk"]

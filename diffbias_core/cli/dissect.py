@@ -15,11 +15,14 @@ import sys
 from pathlib import Path
 
 from ..attribute.attribution import AttributionConfig, attribute
+from ..attribute.budget import attribution_memory
 from ..attribute.features import feature_warnings, save_features
 from ..attribute.probes import ProbeConfig, fit_probes
+from ..base.memory import check_fits, format_bytes
 from ..base.progress import Progress
 from ..dissect import distributed as ddp
 from ..dissect.activations import ShardSet
+from ..dissect.spool import StepShards
 from ..dissect.train import TrainConfig, config_for_rows, rows_per_activation, train_sae
 from ..dissect.train_check import steps_per_pass
 from ..dissect.train_state import state_path
@@ -174,20 +177,33 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_attribution_memory(sae, shards: StepShards, config: AttributionConfig, probes: ProbeConfig | None) -> None:
+    """Print the RAM the run will need at its peak (one step at a time); MemoryError when it is not there."""
+    per_step = int(shards.column("step").unique(return_counts=True)[1].max())
+    need = attribution_memory(sae, shards.row_shape, images=per_step, steps=len(shards.steps()),
+                              classes=len(shards.classes), attribution=config, probes=probes,
+                              recorded_itemsize=shards.row_bytes // max(1, math.prod(shards.row_shape)))  # fmt: skip
+    phase = max(need.phases, key=need.phases.get)
+    print(f"memory: {format_bytes(need.ram)} of RAM at most ({phase}; {per_step} activations per step, "
+          f"{format_bytes(need.step)} as float32)")  # fmt: skip
+    check_fits(need.ram, f"attributing {shards.num_rows} activations of {len(shards.steps())} steps")
+
+
 def attribute_command(args: argparse.Namespace) -> int:
     """Fit per-step probes on labelled shards and rank the SAE's features per class."""
     try:
         check_writable_name(args.out)
-        shards = ShardSet(args.shards)
+        shards = StepShards(args.shards)  # one step's activations in memory at a time
         sae = load_sae(args.sae)
         config = AttributionConfig(method=args.method, baseline=args.baseline, top_k=args.top_k,
                                    points=args.points, temperature=args.temperature, seed=args.seed)  # fmt: skip
+        probe_config = ProbeConfig(iterations=args.probe_iterations, holdout=args.holdout, seed=args.seed)
+        _check_attribution_memory(sae, shards, config, probe_config if config.method == "ig" else None)
         probes = None
         if config.method == "ig":
             steps = shards.steps()
             with Progress(len(steps), "fit probes") as bar:
-                probes = fit_probes(shards, ProbeConfig(iterations=args.probe_iterations, holdout=args.holdout,
-                                                        seed=args.seed),
+                probes = fit_probes(shards, probe_config,
                                     progress=lambda done, total: bar.update(done - bar.done))  # fmt: skip
             print("step  held-out accuracy  train accuracy")
             for step, acc, train_acc in zip(probes.steps.tolist(), probes.accuracy.tolist(),
@@ -209,7 +225,7 @@ def attribute_command(args: argparse.Namespace) -> int:
             },
         )
         save_features(features, args.out)
-    except (ValueError, OSError, FormatError) as error:
+    except (ValueError, OSError, FormatError, MemoryError) as error:
         return _fail(str(error))
     for name, ids in zip(features.classes, features.ids, strict=True):
         print(f"{name}: {', '.join(map(str, ids[:10].tolist()))}{' ...' if len(ids) > 10 else ''}")

@@ -367,30 +367,87 @@ def check_attribute_cancel_after_sampling(mapping) -> dict:
             comfy.utils.set_progress_bar_global_hook(None)
         out[f"{name}_last_progress"] = max(seen, default=0)
         out[f"{name}_total"] = sampled + 2 * inputs["steps"]
+    out["left_in_temp"] = sorted(p.name for p in Path(folder_paths.get_temp_directory()).glob("diffbias-*"))
     return out
 
 
 # ------------------------------------------------------------------------------------------------ case 15
+class TempFolder:
+    """A temporary folder set as ComfyUI's temp directory for the duration of a check."""
+
+    def __enter__(self) -> Path:
+        self._tmp = tempfile.TemporaryDirectory()
+        self._saved = folder_paths.get_temp_directory()
+        folder_paths.set_temp_directory(self._tmp.name)
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc) -> None:
+        folder_paths.set_temp_directory(self._saved)
+        self._tmp.cleanup()
+
+
 def check_attribute_memory(mapping) -> dict:
-    """Attribute says how much its kept activations need, and refuses at the first activation what the machine
-    cannot hold (here: a machine reporting 4 KiB available) instead of failing after all sampling."""
+    """Attribute says what its run needs (RAM at its peak, temporary disk) and refuses before the first model
+    call what the machine cannot hold (here: a machine reporting 4 KiB of memory, then 4 KiB of free disk);
+    its spooled activations are gone from ComfyUI's temp folder after a run, a refusal, an error and a cancel."""
     (SparseAutoencoder,) = core("SparseAutoencoder")
     memory = plugin_module("diffbias_core.base.memory")
+    budget = plugin_module("diffbias_core.attribute.budget")
+    AttributionConfig = plugin_module("diffbias_core.attribute.attribution").AttributionConfig
+    ProbeConfig = plugin_module("diffbias_core.attribute.probes").ProbeConfig
     sae = SparseAutoencoder(128, 64, 4, hook="unet.middle", model_family="sd15")
     attribute = mapping["DiffBiasAttributeFeatures"]
-    model = small_unet()
-    calls = count_model_calls(model)
-    out = {"text": attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()).result[2]}
-    calls.clear()
-    real = memory.available_memory
-    memory.available_memory = lambda: 4096
-    try:
-        out["refused"] = error_of(
-            lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs())
-        )
-    finally:
-        memory.available_memory = real
-    out["refused_model_calls"] = len(calls)
+    need = budget.attribution_memory(sae, (128, 1, 1), images=8, steps=3, classes=2, attribution=AttributionConfig(top_k=5),
+                                     probes=ProbeConfig(), recorded_itemsize=4)  # fmt: skip
+    out = {"expected": need.describe(), "disk": need.disk}
+    with TempFolder() as temp:
+        model = small_unet()
+        calls = count_model_calls(model)
+        seen = []
+
+        def watch(value, total, preview, node_id=None):  # while sampling: what the spool holds
+            seen.append(sum(f.stat().st_size for f in temp.rglob("*.safetensors")))
+
+        comfy.utils.set_progress_bar_global_hook(watch)
+        try:
+            out["text"] = attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()).result[2]
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        out["spooled_bytes"] = max(seen, default=0)
+        out["left_after_run"] = sorted(p.name for p in temp.iterdir())
+        for name, patch in (("refused_ram", "available_memory"), ("refused_disk", "free_disk")):
+            calls.clear()
+            real = getattr(memory, patch)
+            setattr(memory, patch, lambda *args: 4096)
+            try:
+                out[name] = error_of(
+                    lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs())
+                )
+            finally:
+                setattr(memory, patch, real)
+            out[f"{name}_model_calls"] = len(calls)
+        out["left_after_refusals"] = sorted(p.name for p in temp.iterdir())
+        node = plugin_module("nodes.attribute")
+        real_attribute = node.attribute
+
+        def failing(*args, **kwargs):  # an error after sampling, while the spool holds every activation
+            out["spooled_at_error"] = [p.name for p in temp.iterdir()]
+            raise RuntimeError("planted failure")
+
+        node.attribute = failing
+        try:
+            out["error"] = error_of(lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()))
+        finally:
+            node.attribute = real_attribute
+        hook = lambda value, total, preview, node_id=None: value >= 4 and comfy.model_management.interrupt_current_processing(True)  # noqa: E501, E731
+        comfy.utils.set_progress_bar_global_hook(hook)
+        try:
+            out["cancelled"] = run_interrupted(
+                lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs())
+            )
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        out["left_after_error_and_cancel"] = sorted(p.name for p in temp.iterdir())
     return out
 
 
@@ -408,6 +465,8 @@ CHECKS = {
 
 
 def main() -> None:
+    temp = tempfile.TemporaryDirectory()  # ComfyUI's own temp folder may be read-only (CI)
+    folder_paths.set_temp_directory(temp.name)
     mapping = load_plugin()
     results = {}
     for name in sys.argv[1:] or list(CHECKS):

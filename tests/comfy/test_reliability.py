@@ -122,9 +122,19 @@ def test_reliability_cancel_reaches_probe_fitting_and_integrated_gradients(resul
 
 
 def test_reliability_attribute_states_and_checks_its_memory(results):
-    """Case 15: Attribute reports what its activations need (2 classes x 4 images x 3 steps x 128 floats =
-    12 KiB) and refuses at the first model call when that cannot fit."""
+    """Case 15: Attribute streams its activations through ComfyUI's temp folder and says what the run needs
+    (RAM at its peak; temporary disk: 2 classes x 4 images x 3 steps x 128 floats with their columns, 12.7
+    KiB, and a shard header); a machine reporting 4 KiB of memory or of free disk is refused before the first
+    model call; the spool is gone after a run, a refusal, an error after sampling and a cancel while sampling."""
     out = results["attribute_memory"]
-    assert "activations kept: 12.0 KiB" in out["text"], out
-    assert out["refused"].startswith("MemoryError") and "24.0 KiB" in out["refused"], out["refused"]
-    assert out["refused_model_calls"] == 1
+    assert out["expected"].endswith("temporary disk 16.7 KiB"), out["expected"]
+    assert f"(memory: {out['expected']})" in out["text"], out
+    assert 0 < out["spooled_bytes"] <= out["disk"], out
+    assert out["refused_ram"].startswith("MemoryError") and "only 4.0 KiB is available" in out["refused_ram"], out
+    assert out["refused_disk"].startswith("OSError") and "of disk in" in out["refused_disk"], out
+    assert out["refused_ram_model_calls"] == 0 and out["refused_disk_model_calls"] == 0, out
+    assert any(name.startswith("diffbias-activations-") for name in out["spooled_at_error"]), out
+    assert out["error"] == "RuntimeError: planted failure" and out["cancelled"], out
+    for key in ("left_after_run", "left_after_refusals", "left_after_error_and_cancel"):
+        assert not [name for name in out[key] if name.startswith("diffbias-")], (key, out[key])
+    assert results["attribute_cancel_after_sampling"]["left_in_temp"] == []
