@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .activations import ActivationBatch, make_batch
+
 FVU_CEILING = 0.5
 """Held-out FVU above this (less than half the variance reconstructed) marks the SAE under-trained."""
 DEAD_CEILING = 0.5
@@ -282,10 +284,8 @@ class Reservoir:
             self.sample[slots], self.step[slots] = sample[chosen], step[chosen]
         self.seen += activations.shape[0]
 
-    def batch(self):
+    def batch(self) -> ActivationBatch | None:
         """The kept activations as an :class:`~.activations.ActivationBatch` (None when empty)."""
-        from .activations import make_batch
-
         if self.acts is None:
             return None
         return make_batch(self.acts, self.step, sample=self.sample)
