@@ -10,12 +10,8 @@ from ..diffbias_core import SUPPRESS, EditSpec, parse_target
 from ..diffbias_core.attribute.features import check_top_k
 from .intervention_run import add_intervention
 from .model_info import check_hook, parse_hook
-from .widgets import seed_input
+from .widgets import EDITS, MODES, STRENGTH_LIMIT, intervention_inputs
 from .wires import FeaturesType, SaeType, SaeWire
-
-MODES = ("balance", "push", "suppress")
-EDITS = ("add", "scale")
-STRENGTH_LIMIT = 1000.0
 
 
 def fixed_class(mode: str, target: str, classes: tuple[str, ...]) -> int | None:
@@ -57,70 +53,7 @@ class ApplyIntervention(io.ComfyNode):
                     tooltip="Bias features found on that SAE (Load Bias Features "
                     "or Attribute Bias Features).",
                 ),
-                io.Combo.Input(
-                    "mode",
-                    options=list(MODES),
-                    default="balance",
-                    tooltip="balance: each image gets a class so the batch follows the target; "
-                    "push: every image gets the one class named in target; suppress: the "
-                    "features of all classes are removed (target and strength unused).",
-                ),
-                io.String.Input(
-                    "target",
-                    default="",
-                    tooltip="Target distribution over the feature set's classes: '' = uniform, "
-                    "'1,1' in class order, or 'male:0.3,female:0.7'. For push: one class "
-                    "name. Weights >= 0, at least one > 0.",
-                ),
-                io.Combo.Input(
-                    "edit",
-                    options=list(EDITS),
-                    default="add",
-                    tooltip="add: z_j += strength at every position (neutral 0); scale: z_j *= "
-                    "strength where the feature is active (neutral 1).",
-                ),
-                io.Float.Input(
-                    "strength",
-                    default=10.0,
-                    min=-STRENGTH_LIMIT,
-                    max=STRENGTH_LIMIT,
-                    step=0.1,
-                    tooltip="Edit strength: add -1000..1000 (neutral 0), scale 0..1000 (neutral 1). "
-                    "A neutral value returns the model unchanged.",
-                ),
-                io.Int.Input(
-                    "top_k",
-                    default=10,
-                    min=0,
-                    max=1000,
-                    tooltip="Features edited per class, best first (0-1000; 0 = no edit).",
-                ),
-                io.Float.Input(
-                    "start_percent",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Fraction of the schedule where the edit starts (0 = first step).",
-                ),
-                io.Float.Input(
-                    "end_percent",
-                    default=1.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Fraction of the schedule where the edit stops (1 = last step).",
-                ),
-                io.Boolean.Input(
-                    "cond_only",
-                    default=True,
-                    tooltip="Edit only the conditional (positive) half of a CFG batch, as "
-                    "DiffLens does; the unconditional prediction stays exact.",
-                ),
-                seed_input(
-                    "Mixed with the sampler's seed to draw each image's class: the same "
-                    "sampler seed reproduces the image, a new one redraws the classes."
-                ),
+                *intervention_inputs(),
             ],
             outputs=[
                 io.Model.Output(tooltip="The patched copy of MODEL (MODEL itself when the edit is neutral)."),

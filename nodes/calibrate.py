@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
 from ..diffbias_core.intervene.intervention import parse_target
 from ..diffbias_core.measure import CalibrationConfig, calibrate, measure_images
 from ..diffbias_core.measure.classifier import check_classifier
-from .apply import EDITS, STRENGTH_LIMIT, InterventionSettings, fixed_class, intervention_model
+from .apply import InterventionSettings, fixed_class, intervention_model
 from .measure import target_input
 from .measure_chart import calibration_chart
 from .sampling import RunSettings, decode, empty_latent, sample
-from .widgets import seed_input, size_inputs
+from .widgets import EDITS, STRENGTH_LIMIT, intervention_inputs, sampling_inputs, seed_input, size_inputs
 from .wires import ClassifierType, FeaturesType, SaeType
 
 MODES = ("balance", "push")
 NEUTRAL = {"add": 0.0, "scale": 1.0}
+TOOLTIPS = {
+    "mode": "As in Apply Feature Intervention: balance (the batch follows the target) or push (every image to "
+    "the one class named in target).",
+    "edit": "add (search from 0) or scale (search from 1), as in Apply.",
+    "top_k": "Features edited per class, as in Apply (1-1000).",
+    "seed": "As Apply's seed (mixed with the sampler's seed to draw each image's class).",
+}
+"""Where Calibrate's intervention widgets differ from Apply's (it searches the strength, it has no suppress)."""
 
 
 def measurement_target(mode: str, target: str, feature_classes, classifier_classes) -> tuple[float, ...]:
@@ -63,43 +70,13 @@ class CalibrateIntervention(io.ComfyNode):
                     "positive", tooltip="The prompt of the images to balance (CLIP Text Encode)."
                 ),
                 io.Conditioning.Input("negative", tooltip="The negative prompt."),
-                io.Combo.Input(
-                    "mode",
-                    options=list(MODES),
-                    default="balance",
-                    tooltip="As in Apply Feature Intervention: balance (the batch follows the target) "
-                    "or push (every image to the one class named in target).",
-                ),  # fmt: skip
-                target_input(),
-                io.Combo.Input(
-                    "edit",
-                    options=list(EDITS),
-                    default="add",
-                    tooltip="add (search from 0) or scale (search from 1), as in Apply.",
-                ),  # fmt: skip
-                io.Int.Input(
-                    "top_k", default=10, min=1, max=1000, tooltip="Features edited per class, as in Apply."
+                *intervention_inputs(
+                    modes=MODES,
+                    strength=False,
+                    top_k_min=1,
+                    target=target_input(),
+                    tooltips=TOOLTIPS,
                 ),
-                io.Float.Input(
-                    "start_percent",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Where the edit starts in the schedule, as in Apply.",
-                ),  # fmt: skip
-                io.Float.Input(
-                    "end_percent",
-                    default=1.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Where the edit stops in the schedule, as in Apply.",
-                ),  # fmt: skip
-                io.Boolean.Input(
-                    "cond_only", default=True, tooltip="Edit only the conditional half, as in Apply."
-                ),
-                seed_input("As Apply's seed (mixed with the sampler's seed to draw each image's class)."),
                 *size_inputs(),
                 io.Int.Input(
                     "batch_size",
@@ -109,33 +86,13 @@ class CalibrateIntervention(io.ComfyNode):
                     tooltip="Calibration images per sampler run (one run per trial); more images give a "
                     "steadier FD, each run costs one batch.",
                 ),  # fmt: skip
-                io.Int.Input(
-                    "steps", default=30, min=1, max=1000, tooltip="Sampling steps, as in your KSampler."
-                ),
-                io.Float.Input(
-                    "cfg", default=7.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance, as in your KSampler."
-                ),
-                io.Combo.Input(
-                    "sampler_name",
-                    options=comfy.samplers.KSampler.SAMPLERS,
-                    default="euler",
-                    tooltip="Sampler, as in your KSampler.",
-                ),  # fmt: skip
-                io.Combo.Input(
-                    "scheduler",
-                    options=comfy.samplers.KSampler.SCHEDULERS,
-                    default="normal",
-                    tooltip="Scheduler, as in your KSampler.",
-                ),  # fmt: skip
-                io.Int.Input(
-                    "noise_seed",
+                *sampling_inputs(cfg_tooltip="Guidance, as in your KSampler."),
+                seed_input(
+                    "Seed of the calibration batch (the same for every trial). Use other seeds for the final "
+                    "images, so the strength is checked on images it was not fitted to.",
+                    name="noise_seed",
                     default=1000,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=False,
-                    tooltip="Seed of the calibration batch (the same for every trial). Use other seeds "
-                    "for the final images, so the strength is checked on images it was not fitted to.",
-                ),  # fmt: skip
+                ),
                 io.Float.Input(
                     "max_strength",
                     default=20.0,

@@ -18,6 +18,10 @@ steps 10%-90% of the schedule. The toy model settles colour late (``UNetConfig.c
 the edit has to last until near the end; a shorter window (e.g. 20%-70%) keeps shapes slightly
 better but flips fewer images (hit rate ~0.93), a stronger edit (3.0) flips every image but costs
 twin masks (~0.90 kept) and ``others="ablate"`` costs shape accuracy without raising the hit rate.
+Shape accuracy moves by churn, not by a trend: on seeds 0-5 it changes by -0.5 to +0.3 points; on seeds 3-5
+the edit misreads the shape of 12-17 of the 1,500 images (mostly squares read as circles) and reads 10-16
+misread ones right. Windows 10%-80% or 20%-90% churn as much; 20 features instead of 30 churn less but
+leave FD at 0.02 (strength 3.0) to 0.08 (2.5).
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..base.atomic import atomic_write
 from ..base.progress import Progress
-from ..sae.formats import atomic_write
+from ..sae.formats import read_header, read_safetensors, write_safetensors
 from . import world as W
 from .diffusion import initial_noise, sample_in_chunks, v_loss
 from .model import MODEL_FAMILY, ToyUNet, UNetConfig
@@ -195,7 +195,8 @@ def unet_from_json(data: dict[str, Any]) -> UNetConfig:
 
 
 def save_model(model: ToyUNet, world: W.WorldConfig, path: Path) -> None:
-    """Write the UNet as safetensors (atomic) with its UNet and world configs in the metadata."""
+    """Write the UNet as safetensors (atomic, with the digests every file of the project records) with its
+    UNet and world configs in the metadata."""
     tensors = {
         name: p.detach().to("cpu", torch.float32).contiguous() for name, p in model.state_dict().items()
     }
@@ -206,26 +207,25 @@ def save_model(model: ToyUNet, world: W.WorldConfig, path: Path) -> None:
         "unet_config": json.dumps(asdict(model.config)),
         "world_config": json.dumps(asdict(world)),
     }
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(tensors, metadata, path)
 
 
 def load_model(path: Path | None = None) -> tuple[ToyUNet, W.WorldConfig]:
-    """Load a UNet saved by :func:`save_model` (default: the shipped one). Returns (model in eval mode, world)."""
+    """Load a UNet saved by :func:`save_model` (default: the shipped one), its digests verified when it has
+    them (FormatError naming a damaged tensor). Returns (model in eval mode, world)."""
     path = Path(path) if path is not None else WEIGHTS_DIR / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"toy model file {path} does not exist; train one with python -m diffbias_core.toy train"
         )
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    _, metadata = read_header(path)
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"{path}: expected format {FORMAT!r} in the safetensors metadata, found {metadata.get('format')!r}"
         )
+    tensors, _ = read_safetensors(path)
     model = ToyUNet(unet_from_json(json.loads(metadata["unet_config"])))
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(tensors)
     return model.eval().requires_grad_(False), world_from_json(json.loads(metadata["world_config"]))
 
 

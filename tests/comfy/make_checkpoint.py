@@ -14,8 +14,37 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 
 import torch
+
+
+def use_cpu() -> None:
+    """Make ComfyUI run on CPU; call before the first import of ``comfy.model_management``."""
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(temp)`` a file beside ``path``, then rename it into place: a killed run leaves no half file
+    under the cached name (the fixtures build only when the name is missing)."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def run_script(build: Callable[[str, int], None], doc: str) -> None:
+    """The command line of these scripts: ``OUT.safetensors [--seed N]``, then ``build(OUT, N)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build(args.path, args.seed)
 
 
 def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -58,9 +87,7 @@ def sd15_unet_config(dtype: torch.dtype, model_channels: int = 320) -> dict:
 
 
 def build(path: str, seed: int) -> None:
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    use_cpu()
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
@@ -97,18 +124,11 @@ def build(path: str, seed: int) -> None:
     vae = comfy.sd.VAE(sd={k: v.half() for k, v in autoencoder.state_dict().items()})
     del autoencoder
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    comfy.sd.save_checkpoint(tmp, model, clip=clip, vae=vae, metadata={"diffbias_test": "random SD1.5"})
-    os.replace(tmp, path)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    build(args.path, args.seed)
+    metadata = {"diffbias_test": "random SD1.5"}
+    write_atomically(
+        path, lambda temp: comfy.sd.save_checkpoint(temp, model, clip=clip, vae=vae, metadata=metadata)
+    )
 
 
 if __name__ == "__main__":
-    main()
+    run_script(build, __doc__)

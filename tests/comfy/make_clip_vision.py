@@ -11,36 +11,24 @@ as ViT-L (it needs every one of the 24 layers, so it cannot be smaller).
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
+from make_checkpoint import randomize_, run_script, use_cpu, write_atomically
 
 
 def build(path: str, seed: int) -> None:
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    use_cpu()
     import comfy.clip_vision
-    from make_checkpoint import randomize_
     from safetensors.torch import save_file
 
     config = os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_vitl.json")
     model = comfy.clip_vision.ClipVisionModel(config)
     randomize_(model.model, torch.Generator().manual_seed(seed))
     state = {name: tensor.detach().half().contiguous() for name, tensor in model.get_sd().items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(state, tmp, metadata={"diffbias_test": "random CLIP ViT-L/14 vision"})
-    os.replace(tmp, path)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    build(args.path, args.seed)
+    metadata = {"diffbias_test": "random CLIP ViT-L/14 vision"}
+    write_atomically(path, lambda temp: save_file(state, temp, metadata=metadata))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(build, __doc__)

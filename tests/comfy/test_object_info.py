@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 NODE_IDS = (
     "DiffBiasLoadSAE",
     "DiffBiasTrainSAE",
@@ -108,3 +111,61 @@ def test_shipped_toy_files_are_listed_and_load_without_an_sae_folder_entry(serve
     assert execution_error(entry) is None, execution_error(entry)
     assert entry["outputs"]["3"]["text"] == ["toy"]
     assert entry["outputs"]["4"]["text"] == ["red,green,blue"]
+
+
+# ------------------------------------------------------------------- input order: a public API
+INPUTS_FILE = Path(__file__).resolve().parent / "node_inputs.json"
+"""Every node's inputs as released: name, type and what a saved workflow depends on, in order."""
+COMFY_OPTIONS = ("sampler_name", "scheduler")
+"""Combos whose options are ComfyUI's own lists (not recorded: they follow the ComfyUI version)."""
+
+
+def input_signature(spec: dict) -> dict[str, list]:
+    """Per input group, in input order: [name, type, facts] with facts the default, min, max, the control
+    widget after an INT, and the options of a combo with a default (file lists have none). UI-format workflows
+    store widget values by position, so a change of any of these breaks the workflows users saved."""
+    order = spec.get("input_order") or {g: list(spec["input"].get(g, {})) for g in ("required", "optional")}
+    signature = {}
+    for group, names in order.items():
+        rows = []
+        for name in names:
+            entry = spec["input"][group][name]
+            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            kind = "COMBO" if isinstance(entry[0], list) else entry[0]
+            facts = {
+                key: options[key]
+                for key in ("default", "min", "max", "control_after_generate")
+                if key in options
+            }
+            if kind == "COMBO" and "default" in options and name not in COMFY_OPTIONS:
+                facts["options"] = list(
+                    options.get("options", entry[0] if isinstance(entry[0], list) else [])
+                )
+            rows.append([name, kind, facts])
+        if rows:
+            signature[group] = rows
+    return signature
+
+
+def changed_inputs(released: dict, info: dict) -> list[str]:
+    """What differs between the released inputs (``node_inputs.json``) and /object_info, one line each."""
+    problems = []
+    for node_id in NODE_IDS:
+        now = input_signature(info[node_id])
+        if node_id not in released:
+            problems.append(f"{node_id} is not in {INPUTS_FILE.name}; add it as released:\n"
+                            f'"{node_id}": {json.dumps(now)}')  # fmt: skip
+            continue
+        for group, rows in released[node_id].items():
+            current = now.get(group, [])
+            for i, row in enumerate(rows):
+                found = current[i] if i < len(current) else None
+                if found != row:
+                    problems.append(f"{node_id} {group} input {i}: released {row}, found {found}")
+    return problems
+
+
+def test_inputs_keep_their_names_order_and_defaults(server):
+    """Inputs may be appended at the end of a group; none may be renamed, reordered, retyped or re-defaulted."""
+    problems = changed_inputs(json.loads(INPUTS_FILE.read_text()), server.get("/object_info"))
+    assert not problems, "\n".join(problems)

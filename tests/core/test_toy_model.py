@@ -128,6 +128,29 @@ def test_save_load_round_trip(tmp_path):
         load_model(tmp_path / "missing.safetensors")
 
 
+def test_saved_model_records_digests_and_a_damaged_file_is_refused(tmp_path):
+    from diffbias_core.sae.formats import FormatError, digest_status, read_header
+
+    torch.manual_seed(6)
+    path = tmp_path / "m.safetensors"
+    save_model(ToyUNet(TINY).eval(), W.WorldConfig(), path)
+    assert digest_status(path) == "ok"
+    header, _ = read_header(path)
+    name = sorted(header)[0]
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little") + header[name]["data_offsets"][0]
+    data[start] ^= 0xFF  # one byte of the first tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=rf"m.safetensors.*{name}.*does not match the recorded digest"):
+        load_model(path)
+
+
+def test_shipped_model_file_records_digests():
+    from diffbias_core.sae.formats import digest_status
+
+    assert digest_status(WEIGHTS_DIR / MODEL_FILE) == "ok"
+
+
 def test_a_few_training_steps_reduce_the_loss_of_a_tiny_model():
     config = ToyTrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, ema_decay=0.0, unet=TINY)
     g = torch.Generator().manual_seed(9)
