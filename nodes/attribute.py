@@ -17,6 +17,7 @@ from ..diffbias_core import SparseAutoencoder
 from ..diffbias_core.attribute.attribution import AttributionConfig, attribute
 from ..diffbias_core.attribute.budget import AttributionMemory, attribution_memory, check_attribution_fits
 from ..diffbias_core.attribute.probes import ProbeConfig, fit_probes
+from ..diffbias_core.base.layout import to_map
 from ..diffbias_core.base.progress import Cancelled
 from ..diffbias_core.dissect.activations import make_batch
 from ..diffbias_core.dissect.spool import ActivationSpool
@@ -33,13 +34,6 @@ from .wires import FeaturesType, SaeType, SaeWire
 logger = logging.getLogger(__name__)
 METHODS = {"integrated gradients": "ig", "mean difference": "mean-diff"}
 """Widget value -> ``AttributionConfig.method``."""
-
-
-def as_map(activations: torch.Tensor) -> torch.Tensor:
-    """UNet maps (n, C, H, W) as they are; DiT tokens (n, T, C) as (n, C, T, 1) maps (one position per token)."""
-    if activations.ndim == 4:
-        return activations
-    return activations.permute(0, 2, 1).unsqueeze(-1)  # (n, T, C) -> (n, C, T, 1)
 
 
 def bottleneck_size(model, width: int, height: int) -> tuple[list[int], int]:
@@ -66,7 +60,9 @@ def check_map_size(model, sae: SparseAutoencoder | SaeHandle, point, width: int,
         )
 
 
-def expected_shape(model, sae: SparseAutoencoder | SaeHandle, point, width: int, height: int) -> tuple[int, ...] | None:
+def expected_shape(
+    model, sae: SparseAutoencoder | SaeHandle, point, width: int, height: int
+) -> tuple[int, ...] | None:
     """The (C, H, W) activation a hook point records at this image size, where the model tells it before
     sampling (the UNet bottleneck); None where only the first recorded activation tells."""
     if point.name != "unet.middle":
@@ -109,9 +105,63 @@ class MemoryBudget:
                                       recorded_itemsize=itemsize)  # fmt: skip
             logger.info("Attribute Bias Features: %d activations of shape %s: %s", self.images * self.steps,
                         row_shape, need.describe())  # fmt: skip
-            check_attribution_fits(need, self.folder, f"attributing {self.images} images x {self.steps} steps")
+            check_attribution_fits(
+                need, self.folder, f"attributing {self.images} images x {self.steps} steps"
+            )
             self.need, self._planned = need, (row_shape, itemsize)
         return self.need
+
+
+def record_runs(
+    model,
+    clip,
+    point,
+    runs,
+    prompts: list[str],
+    negative_prompt: str,
+    size: tuple[int, int],
+    settings: RunSettings,
+    spool: ActivationSpool,
+    budget: MemoryBudget,
+    progress,
+) -> None:
+    """Sample every paired run with a recorder at ``point``; each recorded activation goes to ``spool``
+    (checked against ``budget`` before it is written). size: (width, height) of the images."""
+    current = {}
+
+    def sink(captured: Captured) -> None:
+        acts = spooled(to_map(captured.activations))  # DiT tokens (n, T, C) as (n, C, T, 1)
+        budget.check(tuple(acts.shape[1:]), acts.element_size())  # the real shape, dtype: before a write
+        run = current["run"]
+        spool.add(make_batch(acts, captured.step, label=run.prompt, sample=captured.image + run.first,
+                             timestep=captured.sigma))  # fmt: skip
+
+    recording = add_recorder(model, point, sink)
+    negative = encode(clip, negative_prompt)
+    for run in runs:
+        current["run"] = run
+        latent = empty_latent(model, run.batch, *size)
+        sample(recording, encode(clip, prompts[run.prompt]), negative, latent, run.seed, settings, progress)
+
+
+def rank_features(sae: SaeWire, source, config: AttributionConfig, probe_config: ProbeConfig, progress,
+                  sampled: int, steps: int):  # fmt: skip
+    """Fit the per-step probes on ``source`` and rank the features (progress after the ``sampled`` units of
+    sampling: ``steps`` units each); ComfyUI's Cancel is polled inside both. Returns (probes, features)."""
+
+    def phase(offset: int):
+        return lambda done, total: progress.update_absolute(offset + done * steps // max(total, 1))
+
+    stop = comfy.model_management.processing_interrupted
+    try:
+        # the core leaves inference mode where it fits probes and runs IG (base/grad_mode.trainable)
+        probes = fit_probes(source, probe_config, progress=phase(sampled), should_stop=stop)
+        features = attribute(
+            sae.sae, source, config, probes, progress=phase(sampled + steps), should_stop=stop
+        )
+    except Cancelled:
+        raise comfy.model_management.InterruptProcessingException() from None
+    return probes, features
 
 
 class AttributeFeatures(io.ComfyNode):
@@ -233,38 +283,12 @@ class AttributeFeatures(io.ComfyNode):
         shape = expected_shape(model, info, point, width, height)
         if shape is not None:  # known before sampling: refuse before the first model call
             budget.check(shape, recorded_itemsize(model))
-        current = {}
+        settings = RunSettings(steps, cfg, sampler_name, scheduler)
         with ActivationSpool(temp, hook=point.name, classes=names) as spool:  # removed on error, cancel too
-
-            def sink(captured: Captured) -> None:
-                acts = spooled(as_map(captured.activations))
-                budget.check(tuple(acts.shape[1:]), acts.element_size())  # the real shape, dtype: before a write
-                run = current["run"]
-                spool.add(make_batch(acts, captured.step, label=run.prompt, sample=captured.image + run.first,
-                                     timestep=captured.sigma))  # fmt: skip
-
-            recording = add_recorder(model, point, sink)
-            negative = encode(clip, negative_prompt)
-            settings = RunSettings(steps, cfg, sampler_name, scheduler)
-            for run in runs:
-                current["run"] = run
-                latent = empty_latent(model, run.batch, width, height)
-                sample(
-                    recording, encode(clip, prompts[run.prompt]), negative, latent, run.seed, settings, progress
-                )
-
-            def phase(offset: int):
-                return lambda done, total: progress.update_absolute(offset + done * steps // max(total, 1))
-
-            stop = comfy.model_management.processing_interrupted  # Cancel, polled inside the fits and IG
-            try:
-                # the core leaves inference mode where it fits probes and runs IG (base/grad_mode.trainable)
-                source = spool.source(torch.float32)  # read back one step at a time
-                probes = fit_probes(source, probe_config, progress=phase(sampled), should_stop=stop)
-                features = attribute(sae.sae, source, config, probes, progress=phase(sampled + steps),
-                                     should_stop=stop)  # fmt: skip
-            except Cancelled:
-                raise comfy.model_management.InterruptProcessingException() from None
+            record_runs(model, clip, point, runs, prompts, negative_prompt, (width, height), settings,
+                        spool, budget, progress)  # fmt: skip
+            probes, features = rank_features(sae, spool.source(torch.float32), config, probe_config,
+                                             progress, sampled, steps)  # fmt: skip
         facts = {
             "prompts": " | ".join(prompts),
             "negative_prompt": negative_prompt,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..base.layout import map_to_rows
 from ..base.progress import Progress
 from ..dissect.train import SaeTrainer, TrainConfig
 from ..sae.formats import load_sae, save_sae
@@ -65,7 +66,7 @@ def train_toy_sae(model: ToyUNet, config: ToySaeConfig, *, show_progress: bool =
     with Progress(prompts.shape[0], "capture for SAE", enabled=show_progress) as bar:
         generate(model, prompts, noise, config.steps, capture=recorder, on_chunk_done=bar.update)
     maps = recorder.result().activations.flatten(0, 1)  # (N * steps, C, H, W)
-    rows = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])  # (N * steps * H * W, C)
+    rows = map_to_rows(maps)  # (N * steps * H * W, C)
     train_config = TrainConfig(
         num_latents=config.num_latents,
         k=config.k,
