@@ -4,8 +4,8 @@
         [--channels 64] [--samples 8] [--steps 4] [--json out.json]
 
 The node (``DiffBiasAttributeFeatures``, integrated gradients, the SAE from Load Bias SAE) runs on ComfyUI's
-SD1.5 UNet with seeded random weights (``--channels`` base channels: 64 on the CPU keeps a run in seconds; 320
-is the real width) and a stand-in text encoder; next to each node call, the same paired runs are sampled
+SD1.5 UNet with seeded random weights (``--channels`` base channels: 64 at 256 px keeps a CPU run in
+minutes; 320 is the real width) and a stand-in text encoder; next to each node call, the same paired runs are sampled
 plainly (same prompts, seeds, batches, sampler; no recorder): ``comfy.sample.sample`` as KSampler calls it.
 Calls alternate (node first in even pairs, plain first in odd ones). Two ratios, each the median over
 pairs with a distribution-free 95% interval:
@@ -37,9 +37,9 @@ PROMPTS = "a photo of a male person\na photo of a female person"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=4, help="node / plain pairs (after one warm-up pair)")
+    parser.add_argument("--pairs", type=int, default=3, help="node / plain pairs (after one warm-up pair)")
     parser.add_argument("--channels", type=int, default=64, help="UNet base channels (SD1.5: 320)")
-    parser.add_argument("--pixels", type=int, default=512, help="image side (512: the 8x8 bottleneck)")
+    parser.add_argument("--pixels", type=int, default=256, help="image side (256: a 4x4 bottleneck)")
     parser.add_argument("--samples", type=int, default=8, help="images per class")
     parser.add_argument("--batch-size", type=int, default=4, help="images per sampler run")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps")
@@ -49,13 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "diffbias_bench_cache")
-    parser.add_argument(
-        "--quick", action="store_true", help="1 pair, 2 steps, 4 samples: an end-to-end check"
-    )
+    parser.add_argument("--quick", action="store_true", help="1 pair, 2 steps, 4 samples, 128 px: a check")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.pairs, args.steps, args.samples = 1, 2, 4
+        args.pairs, args.steps, args.samples, args.pixels = 1, 2, 4, 128
     return args
 
 

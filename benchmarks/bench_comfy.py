@@ -251,40 +251,47 @@ def timed(model, device: str) -> tuple[object, CallTimes]:
     """A clone of ``model`` that records :class:`CallTimes` of every model call.
 
     The hook time is read by two ComfyUI ``output_block_patch`` entries put first and last in the clone's
-    list, so the plugin's own patches sit between them, whatever they are.
+    list, so the plugin's own patches sit between them, whatever they are. On CUDA they record events (no
+    synchronisation inside the step); the call itself is synchronised at both ends.
     """
     import comfy.patcher_extension
     import torch
 
     times = CallTimes([], [], [])
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    state = {"start": 0.0, "hook": 0.0}
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    marks: list = []  # start, stop, start, stop, ... of this call: perf_counter seconds or CUDA events
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def hook_seconds() -> float:
+        pairs = zip(marks[::2], marks[1::2], strict=True)
+        return sum(a.elapsed_time(b) / 1000 if cuda else b - a for a, b in pairs)
 
     def call(executor, *args, **kwargs):
         sync()
-        state["hook"] = 0.0
+        marks.clear()
         start, start_cpu = time.perf_counter(), time.process_time()
         out = executor(*args, **kwargs)
         sync()
         times.wall.append(time.perf_counter() - start)
         times.cpu.append(time.process_time() - start_cpu)
-        times.hooks.append(state["hook"])
+        times.hooks.append(hook_seconds())
         return out
 
-    def hook_start(h, hsp, transformer_options):
-        sync()
-        state["start"] = time.perf_counter()
-        return h, hsp
-
-    def hook_stop(h, hsp, transformer_options):
-        sync()
-        state["hook"] += time.perf_counter() - state["start"]
+    def hook_mark(h, hsp, transformer_options):
+        marks.append(mark())
         return h, hsp
 
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "diffbias_benchmark", call)
     patches = clone.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
-    patches["output_block_patch"] = [hook_start, *patches.get("output_block_patch", []), hook_stop]
+    patches["output_block_patch"] = [hook_mark, *patches.get("output_block_patch", []), hook_mark]
     return clone, times
 
 

@@ -238,8 +238,8 @@ def run_child(args, kind: str, size: str, variant: str = "") -> dict:
         return json.loads(out.read_text())
 
 
-def memory_summary(children: dict, files: dict) -> dict:
-    """Patched minus unpatched peaks, also as a share of the SAE file's size."""
+def memory_summary(children: dict, files: dict, device: str) -> dict:
+    """Patched minus unpatched peaks (RSS; CUDA allocations on a GPU), also as shares of the SAE file's size."""
     base = children.get("unpatched", {})
     summary = {}
     for name, child in children.items():
@@ -247,7 +247,11 @@ def memory_summary(children: dict, files: dict) -> dict:
             continue
         size = files.get(name.split("_", 1)[1]) or next(iter(child["sae_file_bytes"].values()), 0)
         entry = {}
-        for key in ("sampling_peak_bytes", "device_peak_bytes"):
+        for key in (
+            "sampling_peak_bytes",
+            "load_peak_bytes",
+            *(("device_peak_bytes",) if device == "cuda" else ()),
+        ):
             extra = child[key] - base[key]
             entry[key.replace("_bytes", "_extra_bytes")] = extra
             entry[key.replace("_bytes", "_extra_of_file")] = extra / size if size else None
@@ -271,9 +275,10 @@ def report(results: dict) -> None:
         for name, reason in timing["skipped"].items():
             print(f"  {name:16s} not run: {reason[:300]}")
         for name, entry in result.get("memory_summary", {}).items():
-            print(f"  {name:16s} sampling peak RSS {entry['sampling_peak_extra_bytes'] / 2**20:+9.1f} MiB "
-                  f"({100 * (entry['sampling_peak_extra_of_file'] or 0):+.2f}% of the SAE file), device "
-                  f"{entry['device_peak_extra_bytes'] / 2**20:+.1f} MiB")  # fmt: skip
+            for key in ("sampling_peak", "load_peak", "device_peak"):
+                if f"{key}_extra_bytes" in entry:
+                    print(f"  {name:16s} {key.replace('_', ' ')} {entry[f'{key}_extra_bytes'] / 2**20:+9.1f} MiB "
+                          f"({100 * (entry[f'{key}_extra_of_file'] or 0):+.2f}% of the SAE file) above unpatched")  # fmt: skip
 
 
 def main() -> None:
@@ -292,7 +297,7 @@ def main() -> None:
         children = {v: run_child(args, "memory", size, v) for v in memory.get(size, [])}
         result = {"timing": timing, "memory": children}
         if children:
-            result["memory_summary"] = memory_summary(children, timing.get("sae_file_bytes", {}))
+            result["memory_summary"] = memory_summary(children, timing.get("sae_file_bytes", {}), args.device)
         results["sizes"][size] = result
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
