@@ -1,6 +1,6 @@
 """diffbias_core: find and edit the sparse-autoencoder features of a diffusion model that carry a bias.
 
-Pure torch + safetensors (+ numpy, einops); never imports ComfyUI. See DESIGN in the README.
+Pure torch + safetensors (+ numpy, einops); never imports ComfyUI. The stages and the data flow: docs/ARCHITECTURE.md.
 """
 
 from .attribute.features import FeatureSet, load_features, save_features

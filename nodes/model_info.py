@@ -1,7 +1,7 @@
 """What a loaded ComfyUI model is: its family, its hook points and the width of each.
 
 Reads the model through ``ModelPatcher.get_model_object`` only (never ``model.model``), so object
-patches are respected. Hook point names follow DESIGN.md: ``unet.middle``, ``unet.input.N``,
+patches are respected. Hook point names follow docs/ARCHITECTURE.md ("Hook points"): ``unet.middle``, ``unet.input.N``,
 ``unet.output.N``, ``dit.double.N``, ``dit.single.N``.
 """
 

@@ -11,11 +11,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..diffbias_core import load_sae, save_sae
+from ..diffbias_core.base.layout import to_map
 from ..diffbias_core.dissect.activations import MemorySource
 from ..diffbias_core.dissect.train import config_for_rows, rows_per_activation, train_sae
 from ..diffbias_core.dissect.train_check import Reservoir
 from . import files
-from .attribute import as_map
 from .model_info import check_hook, parse_hook
 from .patching import Captured, add_recorder
 from .runs import plan_runs, spread
@@ -143,16 +143,8 @@ class TrainSAE(io.ComfyNode):
         info = check_hook(model, point)
         path = files.new_sae_path(file_name)
         runs = plan_runs(len(lines), spread(images, len(lines)), batch_size, seed, paired=False)
-        state: dict = {"image": 0}
-
-        def sink(captured: Captured) -> None:
-            maps = as_map(captured.activations)  # (n, C, H, W); DiT tokens as (n, C, T, 1)
-            if "store" not in state:
-                state["store"] = Reservoir(max(1, STORE_VALUES // maps[0].numel()), seed=seed % 2**31)
-            ids = captured.image.cpu() + state["image"]  # one sample id per image: held out whole
-            state["store"].add(maps.float(), ids, torch.full_like(ids, captured.step))
-
-        recording = add_recorder(model, point, sink)
+        store = _Store(seed)
+        recording = add_recorder(model, point, store.sink)
         negative = encode(clip, negative_prompt)
         positives = {p: encode(clip, lines[p]) for p in sorted({run.prompt for run in runs})}
         settings = RunSettings(steps, cfg, sampler_name, scheduler)
@@ -160,27 +152,10 @@ class TrainSAE(io.ComfyNode):
         for run in runs:
             latent = empty_latent(model, run.batch, width, height)
             sample(recording, positives[run.prompt], negative, latent, run.seed, settings, progress)
-            state["image"] += run.batch
-        if "store" not in state:
-            raise RuntimeError(
-                f"no activation reached hook {point.name!r} while sampling; is the model "
-                f"patched by another node that skips this block?"
-            )
-        with torch.inference_mode(False), torch.enable_grad():
-            kept = state["store"].batch()  # inference tensors (recorded while sampling): copy them out
-            source = MemorySource(type(kept)(*(t.clone() for t in kept)), hook=point.name)
-            rows = source.num_rows * rows_per_activation(source.row_shape)
-            config = config_for_rows(latents, k, rows, seed=seed % 2**31)
-            device = comfy.model_management.get_torch_device()
-            done = {"shown": 0}
-
-            def advance(stats) -> None:
-                shown = min(TRAIN_PROGRESS, TRAIN_PROGRESS * stats.step // max(1, config.min_steps))
-                progress.update(shown - done["shown"])
-                done["shown"] = shown
-
-            result = train_sae(source, config, sae_options={"model_family": info.family, "device": device},
-                               progress=advance, stop=comfy.model_management.processing_interrupted)  # fmt: skip
+            store.image += run.batch
+        source = MemorySource(store.batch(point.name), hook=point.name)  # the trainer copies what it trains on
+        rows = source.num_rows * rows_per_activation(source.row_shape)
+        result = _train(source, latents, k, rows, seed, info.family, progress)
         if result.interrupted:
             # never replace a file this run did not create (an older SAE, with its feature sets beside it)
             target = files.free_path(path, "cancelled") if os.path.lexists(path) else path
@@ -201,3 +176,44 @@ class TrainSAE(io.ComfyNode):
             logger.warning("diffbias: %s is %s: %s", files.display_name(path), result.check.verdict,
                            "; ".join(result.check.reasons))  # fmt: skip
         return io.NodeOutput(SaeWire(sae, path), report, ui=ui.PreviewText(report))
+
+
+class _Store:
+    """The activations recorded while sampling: at most :data:`STORE_VALUES` values, a uniform sample beyond."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.image = 0
+        """Images sampled before the current run (sample ids of the current run start here)."""
+        self.reservoir: Reservoir | None = None
+
+    def sink(self, captured: Captured) -> None:
+        maps = to_map(captured.activations)  # (n, C, H, W); DiT tokens as (n, C, T, 1)
+        if self.reservoir is None:
+            self.reservoir = Reservoir(max(1, STORE_VALUES // maps[0].numel()), seed=self.seed % 2**31)
+        ids = captured.image.cpu() + self.image  # one sample id per image: held out whole
+        self.reservoir.add(maps.float(), ids, torch.full_like(ids, captured.step))
+
+    def batch(self, hook: str):
+        """The kept activations as an ActivationBatch; RuntimeError when none reached the hook."""
+        if self.reservoir is None:
+            raise RuntimeError(
+                f"no activation reached hook {hook!r} while sampling; is the model "
+                f"patched by another node that skips this block?"
+            )
+        return self.reservoir.batch()
+
+
+def _train(source: MemorySource, latents: int, k: int, rows: int, seed: int, family: str, progress):
+    """train_sae on the recorded activations, on ComfyUI's device, with the progress bar and Cancel."""
+    config = config_for_rows(latents, k, rows, seed=seed % 2**31)
+    device = comfy.model_management.get_torch_device()
+    done = {"shown": 0}
+
+    def advance(stats) -> None:
+        shown = min(TRAIN_PROGRESS, TRAIN_PROGRESS * stats.step // max(1, config.min_steps))
+        progress.update(shown - done["shown"])
+        done["shown"] = shown
+
+    return train_sae(source, config, sae_options={"model_family": family, "device": device},
+                     progress=advance, stop=comfy.model_management.processing_interrupted)  # fmt: skip

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..sae.formats import FormatError, check_metadata_version, read_safetensors, write_safetensors
+from ..base.safefile import check_metadata_version, read_safetensors, write_safetensors
+from ..base.tensorfile import FormatError
 
 if TYPE_CHECKING:
     from ..sae.model import SparseAutoencoder

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base.progress import check_stop
-from ..dissect.activations import ActivationBatch, ActivationSource
+from ..dissect.activations import ActivationBatch, ActivationSource, holdout_samples
 
 
 @dataclass(frozen=True)
@@ -166,16 +166,6 @@ def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
                 opt.step()
     w = weight.detach() / std  # fold the standardisation back: logits = x @ w.T + b
     return w, bias.detach() - w @ mean
-
-
-def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
-    """The sample ids held out: a seeded ``fraction`` of the distinct ids in samples (N,) -> (M,)."""
-    ids = samples.unique()
-    count = int(round(fraction * len(ids)))
-    if fraction > 0 and len(ids) > 1:
-        count = min(max(count, 1), len(ids) - 1)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    return ids[order[:count]].sort().values
 
 
 def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int,

@@ -20,7 +20,7 @@ from ..attribute.probes import ProbeConfig, fit_probes
 from ..base.progress import Progress
 from ..dissect import distributed as ddp
 from ..dissect.activations import ShardSet
-from ..dissect.train import config_for_rows, rows_per_activation, train_sae
+from ..dissect.train import TrainConfig, config_for_rows, rows_per_activation, train_sae
 from ..dissect.train_check import steps_per_pass
 from ..dissect.train_state import state_path
 from ..sae.formats import FormatError, check_writable_name, load_sae
@@ -92,6 +92,45 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _train_config(args: argparse.Namespace, rows: int, world: int) -> TrainConfig:
+    """The :class:`TrainConfig` of ``train-sae``'s options for ``rows`` SAE rows per pass."""
+    fields = {"lr": args.lr, "auxk_alpha": args.auxk_alpha, "seed": args.seed, "holdout": args.holdout,
+              "checkpoint_every": args.checkpoint_every, "min_steps": args.min_steps,
+              "batch_size": args.batch_size}  # fmt: skip
+    if args.warmup_steps is not None:
+        fields["warmup_steps"] = args.warmup_steps
+    if args.epochs:
+        fields["epochs"] = args.epochs
+    config = config_for_rows(args.latents, args.k, rows, **fields)
+    if args.steps:  # enough passes over the training rows to reach the step count
+        train_rows = max(1.0, rows * (1 - args.holdout))
+        passes = math.ceil(args.steps * config.batch_size * world / train_rows) + 1
+        config = dataclasses.replace(config, epochs=passes, max_steps=args.steps)
+    return config
+
+
+def _expected_steps(config: TrainConfig, rows: int, world: int) -> int:
+    """The progress bar's length: max_steps, the passes' steps, or min_steps (the automatic length's least)."""
+    if config.max_steps:
+        return config.max_steps
+    if config.epochs:
+        return config.epochs * steps_per_pass(rows * (1 - config.holdout), config.batch_size, world)
+    return config.min_steps
+
+
+def _print_result(result, args: argparse.Namespace, checkpoint: Path, world: int) -> None:
+    s = result.stats
+    print(
+        f"trained {s.step} steps on {s.rows} rows ({s.skipped} non-finite rows skipped) in {world} "
+        f"process(es): running training FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%"
+    )
+    print(result.check.summary())
+    print(f"wrote {args.out} (checkpoint {checkpoint}, state {state_path(checkpoint).name})")
+    if result.check.verdict != "trained":
+        print(f"warning: the SAE is {result.check.verdict}: {'; '.join(result.check.reasons)}",
+              file=sys.stderr)  # fmt: skip
+
+
 def train_command(args: argparse.Namespace) -> int:
     """Train a TopK sparse autoencoder on the activations of one hook point.
 
@@ -103,33 +142,16 @@ def train_command(args: argparse.Namespace) -> int:
         ddp.init_from_env()
         rank, world = ddp.world()
         rows = shards.num_rows * rows_per_activation(shards.row_shape, args.kernel_size)  # SAE rows per pass
-        fields = {"lr": args.lr, "auxk_alpha": args.auxk_alpha, "seed": args.seed, "holdout": args.holdout,
-                  "checkpoint_every": args.checkpoint_every, "min_steps": args.min_steps,
-                  "batch_size": args.batch_size}  # fmt: skip
-        if args.warmup_steps is not None:
-            fields["warmup_steps"] = args.warmup_steps
-        if args.epochs:
-            fields["epochs"] = args.epochs
-        config = config_for_rows(args.latents, args.k, rows, **fields)
-        if args.steps:  # enough passes over the training rows to reach the step count
-            train_rows = max(1.0, rows * (1 - args.holdout))
-            passes = math.ceil(args.steps * config.batch_size * world / train_rows) + 1
-            config = dataclasses.replace(config, epochs=passes, max_steps=args.steps)
+        config = _train_config(args, rows, world)
     except (ValueError, OSError) as error:
         return _fail(str(error))
-    if config.max_steps:
-        total = config.max_steps
-    elif config.epochs:
-        total = config.epochs * steps_per_pass(rows * (1 - config.holdout), config.batch_size, world)
-    else:
-        total = config.min_steps
     checkpoint = args.checkpoint or args.out.with_name(
         f"{args.out.stem}.ckpt{args.out.suffix or '.safetensors'}"
     )
     if args.resume and not state_path(checkpoint).exists():
         return _fail(f"--resume: there is no checkpoint {checkpoint} to resume from (it is written every "
                      f"{args.checkpoint_every} steps and at the end); run without --resume to start from scratch")  # fmt: skip
-    with Progress(total, "train-sae", enabled=rank == 0) as bar:
+    with Progress(_expected_steps(config, rows, world), "train-sae", enabled=rank == 0) as bar:
 
         def progress(stats) -> None:
             bar.desc = f"train fvu {stats.fvu:.4f}"
@@ -148,16 +170,7 @@ def train_command(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as error:
             return _fail(str(error))
     if rank == 0:
-        s = result.stats
-        print(
-            f"trained {s.step} steps on {s.rows} rows ({s.skipped} non-finite rows skipped) in {world} "
-            f"process(es): running training FVU {s.fvu:.4f} (best {s.best_fvu:.4f}), L0 {s.l0:.1f}, dead {100 * s.dead_fraction:.1f}%"
-        )
-        print(result.check.summary())
-        print(f"wrote {args.out} (checkpoint {checkpoint}, state {state_path(checkpoint).name})")
-        if result.check.verdict != "trained":
-            print(f"warning: the SAE is {result.check.verdict}: {'; '.join(result.check.reasons)}",
-                  file=sys.stderr)  # fmt: skip
+        _print_result(result, args, checkpoint, world)
     return 0
 
 

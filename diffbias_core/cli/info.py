@@ -12,15 +12,16 @@ import sys
 from pathlib import Path
 
 from ..attribute.features import FEATURES_FORMAT
-from ..base.tensorfile import DIGESTS_KEY
-from ..sae.formats import FormatError, digest_status, read_header, sae_metadata
+from ..base.safefile import digest_status
+from ..base.tensorfile import DIGESTS_KEY, FormatError, read_header
+from ..sae.formats import sae_metadata
 from ..sae.importers import WEIGHT_FILES
 
 
 def describe(path: Path) -> dict[str, object]:
     """Metadata of an SAE or feature-set file or SAE folder, as a JSON-ready dict (``kind`` says which)."""
     if path.is_file():
-        header, metadata = read_header(path)
+        header, metadata, _ = read_header(path)
         if metadata.get("format") == FEATURES_FORMAT:
             return {**_describe_features(path, header, metadata), "digest": digest_status(path)}
     info: dict[str, object] = {"kind": "sae", "path": str(path), **sae_metadata(path)}

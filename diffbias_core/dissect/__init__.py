@@ -1,2 +1,2 @@
 """Dissect: capture a hidden layer's activations while sampling, store them in shards, and train the SAE on them
-(with held-out checks, checkpoints and optional data-parallel training)."""
+(config, step, trainer, loop; held-out checks, checkpoints and optional data-parallel training)."""

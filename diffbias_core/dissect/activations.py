@@ -14,7 +14,7 @@ Shard format (public; users share these files): one ``.safetensors`` file with t
 * optional ``timestep``: (N,) float, the model's own timestep (sigma-derived), and ``cond``: (N,) bool,
   True for the conditional half of a classifier-free-guidance batch;
 
-and string metadata ``hook`` (hook point, see DESIGN.md) and ``classes`` (comma-separated class names in
+and string metadata ``hook`` (hook point, see docs/ARCHITECTURE.md) and ``classes`` (comma-separated class names in
 label order, empty when unlabelled). Readers memory-map the file, so a set of shards far larger than RAM
 can be streamed in bounded memory.
 """
@@ -28,28 +28,15 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from ..sae.formats import read_header, write_safetensors
+from ..base.layout import activations_to_rows
+from ..base.safefile import write_safetensors
+from ..base.tensorfile import DTYPES, read_header
 
 SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"
 REQUIRED = ("activations", "step", "label", "sample")
-_NUMPY_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
 class ActivationBatch(NamedTuple):
     """N hooked activations with their sampling context (all tensors share the leading dim N).
 
@@ -124,24 +111,27 @@ def concat_batches(batches: Sequence[ActivationBatch]) -> ActivationBatch:
     return ActivationBatch(*(torch.cat(fields) for fields in zip(*batches, strict=True)))
 
 
-def to_sae_inputs(activations: Tensor, kernel_size: int = 1) -> Tensor:
-    """Rows an SAE reads from hooked activations.
+def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
+    """The sample ids held out: a seeded ``fraction`` of the distinct ids in samples (N,) -> (M,).
 
-    activations: (N, d) -> (N, d); (N, C, H, W) -> (N*H*W, C) for kernel 1, or (N, C*H*W) for a
-    K x K kernel (then H == W == K, the whole map is one code).
+    All rows of one sample id (one initial noise, under every class prompt) stay on one side: the SAE's
+    held-out FVU and the probes' held-out accuracy never see a pairing partner of a training row.
     """
-    if activations.ndim == 2:
-        return activations
-    if activations.ndim != 4:
-        raise ValueError(f"expected (N, d) or (N, C, H, W) activations, got shape {tuple(activations.shape)}")
-    if kernel_size == 1:
-        return rearrange(activations, "n c h w -> (n h w) c")
-    if activations.shape[2:] != (kernel_size, kernel_size):
-        raise ValueError(
-            f"a {kernel_size}x{kernel_size}-kernel SAE codes whole {kernel_size}x{kernel_size} maps, "
-            f"but the maps are {activations.shape[2]}x{activations.shape[3]}"
-        )
-    return rearrange(activations, "n c h w -> n (c h w)")
+    ids = samples.unique()
+    count = int(round(fraction * len(ids)))
+    if fraction > 0 and len(ids) > 1:
+        count = min(max(count, 1), len(ids) - 1)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return ids[order[:count]].sort().values
+
+
+def to_sae_inputs(activations: Tensor, kernel_size: int = 1) -> Tensor:
+    """Rows an SAE reads from hooked activations (:func:`~..base.layout.activations_to_rows`).
+
+    activations: (N, d) -> (N, d); (N, T, C) tokens -> (N*T, C); (N, C, H, W) -> (N*H*W, C) for kernel 1,
+    or (N, C*H*W) for a K x K kernel (then H == W == K, the whole map is one code).
+    """
+    return activations_to_rows(activations, kernel_size)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -215,10 +205,8 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            header, metadata = read_header(self.path)  # framing, dtypes, shapes and offsets checked
-            with open(self.path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-        except (OSError, ValueError) as err:
+            header, metadata, data_start = read_header(self.path)  # framing, dtypes, shapes, offsets checked
+        except ValueError as err:  # FormatError
             raise ValueError(f"{self.path}: not a readable .safetensors activation shard ({err})") from None
         missing = [name for name in REQUIRED if name not in header]
         if missing or "hook" not in metadata:
@@ -229,20 +217,16 @@ class ShardReader:
         self._maps: dict[str, np.ndarray] = {}
         self._torch_dtype: dict[str, torch.dtype] = {}
         for name, entry in header.items():
-            dtype = _NUMPY_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+            dtype = DTYPES[entry["dtype"]]
             start, end = entry["data_offsets"]
             shape = tuple(entry["shape"])
-            if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-                raise ValueError(f"{self.path}: tensor {name!r} has a corrupt size in the header")
             if end == start:
-                self._maps[name] = np.zeros(shape, dtype=dtype)
+                self._maps[name] = np.zeros(shape, dtype=dtype.numpy)
             else:
                 self._maps[name] = np.memmap(
-                    self.path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape
+                    self.path, dtype=dtype.numpy, mode="r", offset=data_start + start, shape=shape
                 )
-            self._torch_dtype[name] = torch.bfloat16 if entry["dtype"] == "BF16" else None
+            self._torch_dtype[name] = dtype.torch
         acts = self._maps["activations"]
         if acts.ndim not in (2, 4):
             raise ValueError(
@@ -260,7 +244,7 @@ class ShardReader:
 
     def _column(self, name: str, index) -> Tensor:
         out = torch.from_numpy(np.array(self._maps[name][index]))  # a copy: the map stays read-only
-        return out.view(torch.bfloat16) if self._torch_dtype[name] is not None else out
+        return out.view(self._torch_dtype[name])  # bfloat16 and float8 are read as same-width integers
 
     def rows(self, index: np.ndarray | slice) -> ActivationBatch:
         """Copy the rows ``index`` (an int array or a slice) out of the file."""
@@ -414,6 +398,7 @@ __all__ = [
     "ShardReader",
     "ShardSet",
     "concat_batches",
+    "holdout_samples",
     "make_batch",
     "read_shard",
     "to_sae_inputs",

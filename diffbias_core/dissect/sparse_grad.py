@@ -77,23 +77,14 @@ class _GatherEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def encoder_pre(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Dense pre-activations (before the ReLU) without autograd. x: (R, n_in), weight: (L, n_in) -> (R, L).
-
-    The ReLU is monotonic, so the TopK of these is the TopK of the ReLU'd ones; it is applied to the
-    selected entries only.
-    """
-    with torch.no_grad():
-        return F.linear(x, weight, bias)
-
-
 def gather_encode(
     x: Tensor, weight: Tensor, bias: Tensor, indices: Tensor, pre: Tensor, plan: RowPlan | None = None
 ) -> Tensor:
     """relu(x @ weight.T + bias) at ``indices``, differentiable in x, weight and bias.
 
     x: (R, n_in); weight: (L, n_in); bias: (L,); indices: (R, n) distinct per row; pre: (R, L) the
-    :func:`encoder_pre` of the same inputs -> (R, n) values >= 0. The backward touches only the selected
+    pre-activations ``x @ weight.T + bias`` of the same inputs, computed without autograd (ReLU'd or not:
+    the ReLU is applied to the selected entries) -> (R, n) values >= 0. The backward touches only the selected
     rows. plan: :func:`row_plan` of indices, when the caller shares it with :func:`sparse_decode`.
     """
     return _GatherEncode.apply(x, weight, bias, indices, pre, plan)
@@ -130,4 +121,4 @@ def sparse_decode(indices: Tensor, values: Tensor, weight: Tensor, plan: RowPlan
     return _SparseDecode.apply(indices, values.to(weight.dtype), weight, plan)
 
 
-__all__ = ["RowPlan", "encoder_pre", "gather_encode", "row_plan", "scatter_rows", "sparse_decode"]
+__all__ = ["RowPlan", "gather_encode", "row_plan", "scatter_rows", "sparse_decode"]

@@ -1,16 +1,15 @@
 """Resumable training checkpoints: a native SAE file plus a state sidecar.
 
 ``CKPT.safetensors`` is an ordinary native SAE file (the current weights; any tool loads it) and
-``CKPT.state.safetensors`` holds what resuming needs: Adam moments, the best weights so far, the firing
-counters, the shuffle buffer and generator, the counters and the config. Both are written atomically, the
-sidecar first; the sidecar alone holds everything a resume needs (the current weights included), so a
-crash between the two writes loses nothing: resuming continues from the sidecar and rewrites the SAE file.
-Resuming a single process continues bit-identically to an uninterrupted run.
+``CKPT.state.safetensors`` holds what resuming needs, the trainer's :meth:`~.trainer.SaeTrainer.state_dict`:
+Adam moments, the best weights so far, the firing counters, the shuffle buffer and generator, the counters and
+the config. Both are written atomically, the sidecar first; the sidecar alone holds everything a resume needs
+(the current weights included), so a crash between the two writes loses nothing: resuming continues from the
+sidecar and rewrites the SAE file. Resuming a single process continues bit-identically to an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from os import PathLike
@@ -18,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..sae.formats import FormatError, check_metadata_version, read_safetensors, save_sae, write_safetensors
-from ..sae.model import SparseAutoencoder
+from ..base.safefile import check_metadata_version, read_safetensors, write_safetensors
+from ..base.tensorfile import FormatError
+from ..sae.native import native_metadata, save_sae
 from . import distributed as ddp
-from .train import SaeTrainer, TrainConfig
+from .train_config import TrainConfig
+from .trainer import SaeTrainer
 
 STATE_FORMAT = "diffbias.train_state"
 STATE_VERSION = 1
 logger = logging.getLogger(__name__)
-_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-_RUN_FIELDS = ("step", "rows", "skipped", "fvu", "l0", "auxk", "lr", "best_fvu", "variance")
 
 
 def state_path(path: str | PathLike[str]) -> Path:
@@ -38,15 +37,7 @@ def state_path(path: str | PathLike[str]) -> Path:
 
 def write_current(trainer: SaeTrainer, path: str | PathLike[str]) -> None:
     """Write the trainer's current weights as a native SAE file (atomically)."""
-    sae = trainer.sae
-    current = SparseAutoencoder.from_weights(
-        *(p.detach() for p in trainer.params),
-        sae.k,
-        hook=sae.hook,
-        model_family=sae.model_family,
-        provenance=trainer.provenance(),
-    )
-    save_sae(current, path)
+    save_sae(trainer.current_sae(), path)
 
 
 def save_checkpoint(
@@ -55,28 +46,10 @@ def save_checkpoint(
     """Write a resumable checkpoint (process 0 only). ``extra``: strings to keep (e.g. a data position)."""
     if ddp.world()[0] != 0:
         return
-    trainer.run.extra = {**trainer.run.extra, **(extra or {})}
-    tensors = {f"param.{name}": p.detach() for name, p in zip(_PARAMS, trainer.params, strict=True)}
-    for name, p in zip(_PARAMS, trainer.params, strict=True):
-        for key, value in trainer.optimizer.state.get(p, {}).items():
-            tensors[f"adam.{name}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
-    if trainer.best is not None:
-        tensors.update({f"best.{name}": w for name, w in zip(_PARAMS, trainer.best, strict=True)})
-    tensors["rows_since_fired"] = trainer.rows_since_fired
-    tensors["generator"] = trainer.generator.get_state()
-    if trainer.buffer is not None and trainer.fill:
-        tensors["buffer"] = trainer.buffer[: trainer.fill]
-    sae, run = trainer.sae, trainer.run
-    metadata = {
-        "format": STATE_FORMAT, "format_version": str(STATE_VERSION),
-        "config": json.dumps(dataclasses.asdict(trainer.config)), "d_in": str(sae.d_in),
-        "kernel_size": str(sae.kernel_size), "hook": sae.hook, "model_family": sae.model_family,
-        "run": json.dumps({name: getattr(run, name) for name in _RUN_FIELDS}),
-        "initialized": str(run.initialized), "extra": json.dumps(run.extra),
-    }  # fmt: skip
-    write_safetensors(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata, state_path(path)
-    )
+    trainer.note(extra or {})
+    tensors, facts = trainer.state_dict()
+    metadata = {"format": STATE_FORMAT, "format_version": str(STATE_VERSION), **facts}
+    write_safetensors(tensors, metadata, state_path(path))
     write_current(trainer, path)
 
 
@@ -93,50 +66,18 @@ def load_checkpoint(path: str | PathLike[str], config: TrainConfig | None = None
         raise FormatError(f"{path}: no training state {sidecar.name} beside it; it cannot be resumed")
     tensors, metadata = read_safetensors(sidecar)
     check_metadata_version(sidecar, metadata, STATE_FORMAT, STATE_VERSION)
-    recorded = TrainConfig(**json.loads(metadata["config"]))
-    config = config or recorded
-    if (config.num_latents, config.k) != (recorded.num_latents, recorded.k):
-        raise ValueError(
-            f"{sidecar}: trained with num_latents {recorded.num_latents}, k {recorded.k}; cannot continue with "
-            f"num_latents {config.num_latents}, k {config.k}"
-        )
-    trainer = SaeTrainer(config, int(metadata["d_in"]), kernel_size=int(metadata["kernel_size"]),
-                         hook=metadata["hook"], model_family=metadata["model_family"], device=device,
-                         progress=progress)  # fmt: skip
-    run = json.loads(metadata["run"])
-    from ..sae.formats import sae_metadata
-
     try:
-        saved_steps = json.loads(sae_metadata(path).get("provenance", "{}")).get("steps")
+        trainer = SaeTrainer.from_state_dict(tensors, metadata, config, device=device, progress=progress)
+    except ValueError as error:
+        raise ValueError(f"{sidecar}: {error}") from None
+    try:
+        saved_steps = json.loads(native_metadata(Path(path)).get("provenance", "{}")).get("steps")
     except (FormatError, ValueError):
         saved_steps = None  # missing or damaged: the sidecar has the weights, the file is rewritten below
-    dev = trainer.sae.device
-    with torch.no_grad():
-        for name, p in zip(_PARAMS, trainer.params, strict=True):
-            p.copy_(tensors[f"param.{name}"])
-            state = {key.rsplit(".", 1)[1]: value.to(dev) for key, value in tensors.items()
-                     if key.startswith(f"adam.{name}.")}  # fmt: skip
-            if state:
-                state["step"] = state["step"].reshape(()).cpu()
-                trainer.optimizer.state[p] = state
-        if "best.W_dec" in tensors:
-            trainer.best = [tensors[f"best.{name}"].to(dev) for name in _PARAMS]
-        trainer.rows_since_fired.copy_(tensors["rows_since_fired"])
-    for name in _RUN_FIELDS:
-        if name in run:  # checkpoints of older versions lack the newer fields: they keep their defaults
-            setattr(trainer.run, name, type(getattr(trainer.run, name))(run[name]))
-    trainer.run.initialized = metadata["initialized"] == "True"
-    trainer.run.extra = json.loads(metadata.get("extra", "{}"))
-    if ddp.world()[0] == 0:
-        trainer.generator.set_state(tensors["generator"])
-        if "buffer" in tensors:
-            rows = tensors["buffer"]
-            trainer.buffer = torch.empty(trainer.capacity, trainer.sae.n_in, device=dev)
-            trainer.fill = min(rows.shape[0], trainer.capacity)
-            trainer.buffer[: trainer.fill] = rows[: trainer.fill].to(dev)
-    if saved_steps != str(run["step"]) and ddp.world()[0] == 0:
+    step = trainer.stats.step
+    if saved_steps != str(step) and ddp.world()[0] == 0:
         logger.warning("%s is at step %s but %s at %d (a checkpoint write was interrupted); resuming from the "
-                       "state and rewriting the SAE file from it", path, saved_steps, sidecar.name, run["step"])  # fmt: skip
+                       "state and rewriting the SAE file from it", path, saved_steps, sidecar.name, step)  # fmt: skip
         write_current(trainer, path)
     return trainer
 

@@ -109,67 +109,87 @@ def calibrate(
 ) -> CalibrationResult:
     """Search the strength (see the module docstring). ``classes``/``target`` turn probabilities returned by
     ``evaluate`` into a report (not needed when it returns reports); ``on_trial`` sees every trial."""
-    trials: dict[float, Trial] = {}
-    order: list[Trial] = []
-    span = config.end - config.start
+    search = _Search(evaluate, config, classes, target, on_trial)
+    if search.run(0.0, "start").fd <= config.tolerance:
+        return search.done("already on target without an edit")
+    return search.bracket_then_refine()
 
-    def run(u: float, phase: str) -> Trial:
+
+class _Search:
+    """The trials of one :func:`calibrate` run, keyed by their position u in [0, 1] of the strength range."""
+
+    def __init__(self, evaluate: Evaluate, config: CalibrationConfig, classes, target, on_trial) -> None:
+        self.evaluate, self.config, self.classes, self.target, self.on_trial = (
+            evaluate, config, classes, target, on_trial,
+        )  # fmt: skip
+        self.trials: dict[float, Trial] = {}
+        self.order: list[Trial] = []
+
+    def run(self, u: float, phase: str) -> Trial:
+        """The trial at u (evaluated once; clamped to [0, 1])."""
         u = min(max(u, 0.0), 1.0)
-        if u in trials:
-            return trials[u]
-        strength = config.start + u * span
-        got = evaluate(strength)
+        if u in self.trials:
+            return self.trials[u]
+        strength = self.config.start + u * (self.config.end - self.config.start)
+        got = self.evaluate(strength)
         if isinstance(got, Tensor):
-            names = classes if classes is not None else tuple(str(c) for c in range(got.shape[-1]))
-            got = measure(got, names, target)
+            names = self.classes if self.classes is not None else tuple(str(c) for c in range(got.shape[-1]))
+            got = measure(got, names, self.target)
         trial = Trial(strength, float(got.fd), phase, got)
-        trials[u] = trial
-        order.append(trial)
-        if on_trial is not None:
-            on_trial(trial)
+        self.trials[u] = trial
+        self.order.append(trial)
+        if self.on_trial is not None:
+            self.on_trial(trial)
         return trial
 
-    def done(reason: str) -> CalibrationResult:
-        passing = [u for u, t in trials.items() if t.fd <= config.tolerance]
+    def done(self, reason: str) -> CalibrationResult:
+        """The weakest trial on target, else the one with the smallest FD."""
+        trials, tolerance = self.trials, self.config.tolerance
+        passing = [u for u, t in trials.items() if t.fd <= tolerance]
         u = min(passing) if passing else min(trials, key=lambda key: (trials[key].fd, key))
         best = trials[u]
-        return CalibrationResult(best.strength, best.fd, best.fd <= config.tolerance, tuple(order), reason)
+        return CalibrationResult(best.strength, best.fd, best.fd <= tolerance, tuple(self.order), reason)
 
-    if run(0.0, "start").fd <= config.tolerance:
-        return done("already on target without an edit")
-    points, u = [0.0], config.first_step
-    while True:
-        trial = run(u, "bracket")
-        points.append(u)
-        if trial.fd <= config.tolerance:
-            break
-        if trial.fd > trials[points[-2]].fd:
-            break
-        if u >= 1.0:
-            return done("FD still falls at the end of the range: widen the range")
-        if len(order) >= config.max_runs:
-            return done(f"run budget ({config.max_runs}) spent while bracketing")
-        u = min(2.0 * u, 1.0)
-    if trial.fd > config.tolerance:  # FD rose: the minimum lies between the last three points
-        low, mid, high = points[-3] if len(points) >= 3 else 0.0, points[-2], points[-1]
-    while len(order) < config.max_runs:
-        passing = [v for v, t in trials.items() if t.fd <= config.tolerance]
-        if passing:
-            hi = min(passing)
-            lo = max(v for v in trials if v < hi)
-            if hi - lo <= config.resolution * hi:
-                return done("weakest strength on target found to the resolution")
-            run((lo + hi) / 2.0, "bisect")
-            continue
-        if high - low <= config.resolution * max(mid, config.first_step):
-            return done("smallest FD found to the resolution; the target was not reached")
-        right = high - mid > mid - low
-        x = mid + GOLDEN * (high - mid) if right else mid - GOLDEN * (mid - low)
-        if run(x, "golden").fd < trials[mid].fd:
-            low, mid, high = (mid, x, high) if right else (low, x, mid)
-        else:
-            low, mid, high = (low, mid, x) if right else (x, mid, high)
-    return done(f"run budget ({config.max_runs}) spent")
+    def bracket_then_refine(self) -> CalibrationResult:
+        """Double u from ``first_step`` until FD is on target or rises; then bisect or golden-section search."""
+        config, trials = self.config, self.trials
+        points, u = [0.0], config.first_step
+        while True:
+            trial = self.run(u, "bracket")
+            points.append(u)
+            if trial.fd <= config.tolerance or trial.fd > trials[points[-2]].fd:
+                break
+            if u >= 1.0:
+                return self.done("FD still falls at the end of the range: widen the range")
+            if len(self.order) >= config.max_runs:
+                return self.done(f"run budget ({config.max_runs}) spent while bracketing")
+            u = min(2.0 * u, 1.0)
+        bracket = (points[-3] if len(points) >= 3 else 0.0, points[-2], points[-1])
+        return self._refine(bracket if trial.fd > config.tolerance else None)
+
+    def _refine(self, bracket: tuple[float, float, float] | None) -> CalibrationResult:
+        """Bisect to the weakest strength on target; without one, golden-section search in ``bracket``
+        (low, mid, high: FD rose after mid, so the minimum lies between low and high)."""
+        config, trials = self.config, self.trials
+        while len(self.order) < config.max_runs:
+            passing = [v for v, t in trials.items() if t.fd <= config.tolerance]
+            if passing:
+                hi = min(passing)
+                lo = max(v for v in trials if v < hi)
+                if hi - lo <= config.resolution * hi:
+                    return self.done("weakest strength on target found to the resolution")
+                self.run((lo + hi) / 2.0, "bisect")
+                continue
+            low, mid, high = bracket
+            if high - low <= config.resolution * max(mid, config.first_step):
+                return self.done("smallest FD found to the resolution; the target was not reached")
+            right = high - mid > mid - low
+            x = mid + GOLDEN * (high - mid) if right else mid - GOLDEN * (mid - low)
+            if self.run(x, "golden").fd < trials[mid].fd:
+                bracket = (mid, x, high) if right else (low, x, mid)
+            else:
+                bracket = (low, mid, x) if right else (x, mid, high)
+        return self.done(f"run budget ({config.max_runs}) spent")
 
 
 __all__ = ["CalibrationConfig", "CalibrationResult", "Trial", "calibrate"]

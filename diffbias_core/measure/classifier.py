@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..base.grad_mode import trainable
+
 SAME_MODEL_COSINE = 0.99
 """Smallest cosine between the stored and the current reference embedding for "the same vision model"."""
 
@@ -172,7 +174,7 @@ def split_indices(labels: Tensor, num_classes: int, holdout: float, seed: int) -
 
 def _fit_logistic(x: Tensor, y: Tensor, classes: int, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
     """Minimise mean cross-entropy + l2/2 |W|^2 over W (C, D), b (C,); x: (n, D) float64, y: (n,)."""
-    with torch.inference_mode(False), torch.enable_grad():
+    with trainable():
         x, y = x.clone(), y.clone()  # inference tensors cannot enter autograd
         weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)

@@ -129,6 +129,36 @@ def preservation(
     return Preservation(pixel, float(pixel.mean()), clip_i, None if clip_i is None else float(clip_i.mean()))
 
 
+def _readable(readable: Tensor | None, images: int, classifier: str) -> Tensor:
+    """(B,) bool rows to measure; ValueError for a wrong shape or when none is readable."""
+    ok = torch.ones(images, dtype=torch.bool) if readable is None else readable.detach().cpu().bool()
+    if ok.shape != (images,):
+        raise ValueError(f"readable must be ({images},), got {tuple(ok.shape)}")
+    if not ok.any():
+        raise ValueError(
+            f"none of the {images} images could be read by the classifier {classifier!r}: nothing to "
+            "measure; check that the images show what the classifier was made for"
+        )
+    return ok
+
+
+def _group_figures(
+    groups: tuple[Sequence[str], Tensor], probs: Tensor, ok: Tensor, goal: Tensor
+) -> list[GroupFigures]:
+    """FD of every group that has readable images. groups: (names, (B,) labels); probs: (B, C); ok: (B,)."""
+    names, group_labels = tuple(groups[0]), groups[1].detach().cpu().long()
+    if group_labels.shape != (probs.shape[0],):
+        raise ValueError(f"group labels must be ({probs.shape[0]},), got {tuple(group_labels.shape)}")
+    figures = []
+    for g, name in enumerate(names):
+        rows = ok & (group_labels == g)
+        if rows.any():
+            figures.append(
+                GroupFigures(name, int(rows.sum()), *_fds(probs[rows].double(), probs.shape[1], goal))
+            )
+    return figures
+
+
 def measure(
     probabilities: Tensor,
     classes: Sequence[str],
@@ -151,30 +181,13 @@ def measure(
             f"probabilities must be (images, {len(classes)}) for classes {list(classes)}, got {tuple(probs.shape)}"
         )
     goal = resolve_target(target, classes)
-    ok = torch.ones(probs.shape[0], dtype=torch.bool) if readable is None else readable.detach().cpu().bool()
-    if ok.shape != (probs.shape[0],):
-        raise ValueError(f"readable must be ({probs.shape[0]},), got {tuple(ok.shape)}")
-    if not ok.any():
-        raise ValueError(
-            f"none of the {probs.shape[0]} images could be read by the classifier {classifier!r}: nothing to "
-            "measure; check that the images show what the classifier was made for"
-        )
+    ok = _readable(readable, probs.shape[0], classifier)
     goal_t = torch.tensor(goal, dtype=torch.float64)
     labels = torch.where(ok, probs.argmax(-1), torch.full((), -1))
     used = probs[ok].double()  # (n, C)
     soft_fd, hard_fd = _fds(used, len(classes), goal_t)
     counts = torch.bincount(labels[ok], minlength=len(classes)).double()
-    per_group: list[GroupFigures] = []
-    if groups is not None:
-        names, group_labels = tuple(groups[0]), groups[1].detach().cpu().long()
-        if group_labels.shape != (probs.shape[0],):
-            raise ValueError(f"group labels must be ({probs.shape[0]},), got {tuple(group_labels.shape)}")
-        for g, name in enumerate(names):
-            rows = ok & (group_labels == g)
-            if rows.any():
-                per_group.append(
-                    GroupFigures(name, int(rows.sum()), *_fds(probs[rows].double(), len(classes), goal_t))
-                )
+    per_group = _group_figures(groups, probs, ok, goal_t) if groups is not None else []
     return MeasureReport(
         classifier=classifier,
         classes=classes,

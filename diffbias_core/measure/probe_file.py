@@ -15,15 +15,14 @@ from typing import Any
 
 import torch
 
-from ..sae.formats import (
-    FormatError,
+from ..base.safefile import (
     check_metadata_version,
     check_weights,
     expect_shapes,
-    read_header,
     read_safetensors,
     write_safetensors,
 )
+from ..base.tensorfile import FormatError, read_header
 from .classifier import LinearProbe
 
 CLASSIFIER_FORMAT = "diffbias.classifier"
@@ -63,7 +62,7 @@ def _json_field(path: Any, metadata: Mapping[str, str], key: str, kind: type) ->
 
 def load_probe(path: str | PathLike[str]) -> LinearProbe:
     """Load a classifier file written by :func:`save_probe`; FormatError naming the file on any problem."""
-    header, metadata = read_header(path)
+    header, metadata, _ = read_header(path)
     check_metadata_version(path, metadata, CLASSIFIER_FORMAT, CLASSIFIER_VERSION)
     classes = _json_field(path, metadata, "classes", list)
     if (

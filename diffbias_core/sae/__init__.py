@@ -1,1 +1,2 @@
-"""The sparse autoencoder itself: the TopK model, its native file format, and importers for sparsify and SAELens files."""
+"""The sparse autoencoder itself: the TopK model (one encode, one copy), its native file format, and importers for
+sparsify, SAELens and DiffLens folders."""

@@ -24,18 +24,10 @@ from typing import Any
 
 from torch import Tensor
 
-from .formats import (
-    PICKLE_SUFFIXES,
-    SAE_FORMAT,
-    FormatError,
-    build_sae,
-    expect_shapes,
-    meta_tensors,
-    read_header,
-    read_safetensors,
-    refuse_pickle,
-)
+from ..base.safefile import expect_shapes, meta_tensors, read_safetensors
+from ..base.tensorfile import PICKLE_SUFFIXES, FormatError, read_header, refuse_pickle
 from .model import SparseAutoencoder
+from .native import SAE_FORMAT, build_sae
 
 WEIGHT_FILES = {"sae.safetensors": ("sparsify", "difflens"), "sae_weights.safetensors": ("saelens",)}
 """Weight file name of each published layout (next to its ``cfg.json``)."""
@@ -46,8 +38,7 @@ def layout_folder(path: Path) -> Path | None:
     if path.is_dir():
         return path
     if path.name in WEIGHT_FILES and (path.parent / "cfg.json").is_file():
-        _, metadata = read_header(path)
-        if metadata.get("format") != SAE_FORMAT:
+        if read_header(path).metadata.get("format") != SAE_FORMAT:
             return path.parent
     return None
 
@@ -71,7 +62,7 @@ def import_folder(folder: Path, *, load: bool) -> SparseAutoencoder:
         raise FormatError(f"{cfg_path}: JSON nested too deeply to be an SAE config") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
-    header, _ = read_header(weight_path)
+    header = read_header(weight_path).entries
     layout = _detect(weight_path, header)
     tensors = read_safetensors(weight_path)[0] if load else meta_tensors(header)
     canonical, k, provenance = _IMPORTERS[layout](weight_path, cfg, tensors)

@@ -23,8 +23,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
+
+from ..base import layout
+
+WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
+"""Names of the four weight tensors, in the order :meth:`SparseAutoencoder.from_weights` takes them."""
 
 
 class SparseCode(NamedTuple):
@@ -46,7 +50,7 @@ class SparseAutoencoder(nn.Module):
         num_latents: dictionary size L.
         k: number of active latents per code, 1 <= k <= L.
         kernel_size: 1 for per-token codes; K > 1 for one code per K x K map.
-        hook: hook point name (``unet.middle``, ``dit.double.3``, ...), see DESIGN.md.
+        hook: hook point name (``unet.middle``, ``dit.double.3``, ...), see docs/ARCHITECTURE.md.
         model_family: the model family the SAE was trained on (``sd15``, ``sdxl``, ``flux``, ``toy``...).
         provenance: free-form string facts (training data, steps, source file, ...), saved with the SAE.
         dtype, device: of the parameters. ``device="meta"`` skips the random initialisation (for loading).
@@ -156,6 +160,34 @@ class SparseAutoencoder(nn.Module):
         sae.load_state_dict(given, assign=True)
         return sae
 
+    def copy_to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SparseAutoencoder:
+        """A new SAE with copies of the weights on ``device``/``dtype`` (None: this SAE's own).
+
+        The copy has the same sizes, ``hook``, ``model_family``, a copy of ``provenance`` and the same
+        :meth:`fingerprint`: it is the same dictionary, so a copy in a lower precision keeps the source's
+        fingerprint (computed once here if it was not known) and its feature sets still match it. The
+        weights are always copied, also when they already are on that device and dtype, so a caller may
+        change the copy (train it, edit ``provenance``) without touching the source, which is never changed.
+        Callers that only read and want to skip the copy check ``sae.device``/``sae.dtype`` first.
+        The copy is made in the caller's autograd mode: under ``torch.inference_mode()`` its weights are
+        inference tensors (call it inside ``torch.inference_mode(False)`` for a copy autograd can train).
+        """
+        dtype = self.dtype if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"SparseAutoencoder.copy_to: dtype must be a floating dtype, got {dtype}")
+        device = self.device if device is None else torch.device(device)
+        known = self.known_fingerprint()
+        if known is None and dtype != self.dtype:
+            known = self.fingerprint()  # of the source's values, before rounding
+        weights = (getattr(self, name).detach().to(device=device, dtype=dtype, copy=True) for name in WEIGHTS)
+        copy = SparseAutoencoder.from_weights(
+            *weights, self.k, hook=self.hook, model_family=self.model_family, provenance=dict(self.provenance)
+        )
+        copy.set_known_fingerprint(known)
+        return copy
+
     @property
     def dtype(self) -> torch.dtype:
         """dtype of the parameters (the SAE computes in it)."""
@@ -214,28 +246,18 @@ class SparseAutoencoder(nn.Module):
             )
 
     def map_to_inputs(self, h: Tensor) -> Tensor:
-        """Spatial map to SAE inputs.
+        """Spatial map to SAE inputs (:func:`~..base.layout.map_to_inputs`, with the width checked).
 
         h: (B, d_in, H, W) -> (B, H*W, d_in) for kernel 1, (B, 1, d_in*K*K) for kernel K (needs H == W == K).
         """
         if h.ndim != 4:
             raise ValueError(f"expected a (B, C, H, W) map, got shape {tuple(h.shape)}")
         self.check_width(h.shape[1])
-        if self.kernel_size == 1:
-            return rearrange(h, "b c h w -> b (h w) c")
-        if h.shape[2] != self.kernel_size or h.shape[3] != self.kernel_size:
-            raise ValueError(
-                f"this SAE has a {self.kernel_size}x{self.kernel_size} kernel and codes whole "
-                f"{self.kernel_size}x{self.kernel_size} maps, but the map is {h.shape[2]}x{h.shape[3]}; "
-                "generate at the resolution it was trained for or use a per-token SAE"
-            )
-        return rearrange(h, "b c h w -> b 1 (c h w)")
+        return layout.map_to_inputs(h, self.kernel_size)
 
     def inputs_to_map(self, x: Tensor, height: int, width: int) -> Tensor:
         """Inverse of :meth:`map_to_inputs`. x: (B, P, n_in) -> (B, d_in, height, width)."""
-        if self.kernel_size == 1:
-            return rearrange(x, "b (h w) c -> b c h w", h=height, w=width)
-        return rearrange(x, "b 1 (c h w) -> b c h w", c=self.d_in, h=height, w=width)
+        return layout.inputs_to_map(x, height, width, self.kernel_size)
 
     # ------------------------------------------------------------------ math
     def pre_activations(self, x: Tensor) -> Tensor:
@@ -248,10 +270,18 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.W_enc.dtype)
         return F.relu(F.linear(x - self.b_dec_flat, self.w_enc_flat, self.b_enc))
 
-    def encode(self, x: Tensor) -> SparseCode:
-        """x: (..., n_in) -> SparseCode with values/indices (..., k). Computes in the SAE's dtype."""
-        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=True)
+    def select(self, pre: Tensor) -> SparseCode:
+        """The TopK of dense pre-activations: (..., num_latents) -> SparseCode (..., k), values descending."""
+        values, indices = pre.topk(self.k, dim=-1, sorted=True)
         return SparseCode(values, indices)
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """x: (..., n_in) -> SparseCode with values/indices (..., k). Computes in the SAE's dtype.
+
+        The one encode: training (:mod:`~..dissect.train_step`), attribution and the intervention all code
+        with :meth:`pre_activations` and :meth:`select`.
+        """
+        return self.select(self.pre_activations(x))
 
     def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
         """Sum of ``values``-weighted decoder rows, without the bias.
@@ -295,9 +325,10 @@ class SparseAutoencoder(nn.Module):
         of the whole decoder) and remembered until ``W_dec`` is replaced or changed in place (writes
         through ``W_dec.data`` bypass the version counter: call :meth:`set_known_fingerprint` with None).
         """
+        known = self.known_fingerprint()
+        if known is not None:
+            return known
         key = self._fingerprint_key()
-        if self._fingerprint is not None and self._fingerprint[0] == key:
-            return self._fingerprint[1]
         digest = hashlib.sha256()
         digest.update(f"{tuple(self.W_dec.shape)}".encode())
         rows = self.W_dec.detach().reshape(self.W_dec.shape[0], -1)  # (L, n_in), C order
@@ -307,6 +338,12 @@ class SparseAutoencoder(nn.Module):
         value = digest.hexdigest()[:16]
         self._fingerprint = (key, value)
         return value
+
+    def known_fingerprint(self) -> str | None:
+        """The remembered :meth:`fingerprint` if it still names the current ``W_dec``, else None (no hashing)."""
+        if self._fingerprint is not None and self._fingerprint[0] == self._fingerprint_key():
+            return self._fingerprint[1]
+        return None
 
     def set_known_fingerprint(self, value: str | None) -> None:
         """Remember ``value`` as :meth:`fingerprint` of the current ``W_dec`` (a loader that verified it from
@@ -336,4 +373,4 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-__all__ = ["SparseAutoencoder", "SparseCode", "expansion_factor", "fvu"]
+__all__ = ["WEIGHTS", "SparseAutoencoder", "SparseCode", "expansion_factor", "fvu"]

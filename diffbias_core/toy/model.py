@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .world import PROMPT_LENGTH, VOCAB
 
 HOOK_MODULES = {"unet.middle": "middle"}
-"""Hook point name (DESIGN.md) -> attribute path of the module whose output it is."""
+"""Hook point name (docs/ARCHITECTURE.md) -> attribute path of the module whose output it is."""
 MODEL_FAMILY = "toy"
 
 

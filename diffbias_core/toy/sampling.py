@@ -20,7 +20,7 @@ from .diffusion import sample_in_chunks
 from .model import HOOK_MODULES, ToyUNet
 
 HOOK = "unet.middle"
-"""The one hook point of the toy model (DESIGN.md naming)."""
+"""The one hook point of the toy model (named as in docs/ARCHITECTURE.md)."""
 
 
 class StepContext(NamedTuple):

@@ -158,7 +158,7 @@ def test_to_sae_inputs_layouts():
     assert rows.shape == (32, 3)
     whole = to_sae_inputs(maps, kernel_size=4)
     torch.testing.assert_close(whole[1], maps[1].reshape(-1))
-    with pytest.raises(ValueError, match="2x2 maps, but the maps are 4x4"):
+    with pytest.raises(ValueError, match="2x2 maps, but the map is 4x4"):
         to_sae_inputs(maps, kernel_size=2)
 
 

@@ -59,11 +59,24 @@ def test_edit_replaces_the_output_and_is_removed_even_after_an_error():
     assert not net.inner._forward_hooks
 
 
-def test_identity_edit_is_exact():
+def test_identity_edit_runs_on_the_chosen_output_and_is_exact():
+    """An edit that returns a copy of what it is given: called once per forward with the chosen element of
+    the module's output, and the model's output is bit-identical to the unhooked one."""
     net, x = _net(), torch.randn(5, 4)
-    with edit_outputs(net, "inner", lambda h: h):
+    reference = net(x)
+    seen = []
+
+    def copy(h):
+        seen.append(h.detach().clone())
+        return h.clone()
+
+    with edit_outputs(net, "pair", copy, output_index=1):
         edited = net(x)
-    assert torch.equal(edited, net(x))
+        net(x[:2])
+    assert [h.shape for h in seen] == [(5, 4), (2, 4)]
+    assert torch.equal(seen[0], net.inner(x) + 1)  # the second element of (x * 2, x + 1)
+    assert torch.equal(edited, reference)
+    assert not net.pair._forward_hooks
 
 
 def test_bad_names_and_outputs():

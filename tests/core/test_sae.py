@@ -203,3 +203,40 @@ def test_fvu_and_expansion():
     # sum |x - x_hat|^2 = 0.25; sum |x - mean|^2 = 4 * 1 = 4
     torch.testing.assert_close(fvu(x, x_hat), torch.tensor(0.25 / 4.0))
     assert expansion_factor(make_sae(d_in=3, num_latents=12, kernel_size=2)) == 1.0
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2])
+def test_copy_to_copies_everything_and_shares_nothing(kernel_size):
+    sae = make_sae(kernel_size=kernel_size)
+    sae.hook, sae.model_family, sae.provenance = "dit.single.4", "flux", {"steps": "12"}
+    fingerprint = sae.fingerprint()
+    for device, dtype in ((None, None), ("cpu", torch.float32), ("cpu", torch.float64), (None, torch.bfloat16)):
+        copy = sae.copy_to(device, dtype)
+        want = sae.dtype if dtype is None else dtype
+        assert (copy.d_in, copy.num_latents, copy.k, copy.kernel_size) == (6, 20, 3, kernel_size)
+        assert (copy.hook, copy.model_family, copy.provenance) == ("dit.single.4", "flux", {"steps": "12"})
+        assert copy.dtype == want and copy.device == torch.device("cpu")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            source, copied = getattr(sae, name), getattr(copy, name)
+            assert copied.data_ptr() != source.data_ptr()
+            assert torch.equal(copied, source.detach().to(want))
+        assert copy.fingerprint() == fingerprint  # the same dictionary, also when rounded
+        copy.provenance["steps"] = "13"
+        with torch.no_grad():
+            copy.W_dec.add_(1.0)
+            copy.b_enc.add_(1.0)
+        assert sae.provenance == {"steps": "12"} and sae.fingerprint() == fingerprint
+        if want == torch.float32:
+            assert copy.fingerprint() != fingerprint  # a changed copy is another dictionary
+    with pytest.raises(ValueError, match="floating dtype, got torch.int64"):
+        sae.copy_to(dtype=torch.int64)
+
+
+def test_copy_to_in_low_precision_keeps_an_unknown_fingerprint_of_the_source():
+    sae = make_sae()
+    sae.set_known_fingerprint(None)
+    assert sae.known_fingerprint() is None
+    half = sae.copy_to(dtype=torch.float16)
+    assert half.known_fingerprint() == sae.fingerprint()
+    assert SparseAutoencoder.from_weights(*(getattr(half, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")),
+                                          3).fingerprint() != sae.fingerprint()  # fmt: skip  (rounding shows)

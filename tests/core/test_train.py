@@ -1,4 +1,7 @@
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +10,6 @@ from hypothesis import strategies as st
 
 from diffbias_core.dissect.activations import MemorySource, make_batch
 from diffbias_core.dissect.sparse_grad import (
-    encoder_pre,
     gather_encode,
     row_plan,
     scatter_rows,
@@ -41,7 +43,7 @@ def test_sparse_backward_matches_dense_autograd(rows, latents, width, seed, shar
     x, w_enc, b_enc, w_dec = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
                               for s in ((rows, width), (latents, width), (latents,), (latents, width)))  # fmt: skip
     target = torch.randn(rows, width, generator=g, dtype=torch.float64)
-    pre = encoder_pre(x, w_enc, b_enc)
+    pre = torch.relu(x @ w_enc.T + b_enc).detach()  # the SAE's pre-activations, without autograd
     idx = pre.topk(k, dim=1).indices
     plan = row_plan(idx, latents) if shared else None
     out = sparse_decode(idx, gather_encode(x, w_enc, b_enc, idx, pre, plan), w_dec, plan)
@@ -222,6 +224,20 @@ def test_feeding_inside_inference_mode_trains(planted):
     torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec, rtol=0, atol=0)
 
 
+def test_a_whole_run_and_a_resume_inside_inference_mode_equal_the_same_outside(tmp_path, planted):
+    """A ComfyUI node calls the trainer in inference mode, with inference tensors: the trainer is built, fed,
+    checkpointed and resumed there, and trains exactly as outside."""
+    x, _ = planted.planted_rows(15, width=8, atoms=8, k=2, rows=800, noise=0.01)
+    results = {}
+    for mode in ("inference", "grad"):
+        with torch.inference_mode(mode == "inference"):
+            rows = x.clone()  # an inference tensor in the first round
+            ck = tmp_path / f"{mode}.safetensors"
+            train_sae(_source(rows), _config(epochs=1), checkpoint=ck)
+            results[mode] = train_sae(_source(rows), _config(epochs=2), checkpoint=ck, resume=True).sae
+    assert results["inference"].fingerprint() == results["grad"].fingerprint()
+
+
 def test_kernel_sae_training_lowers_fvu():
     g = torch.Generator().manual_seed(8)
     basis = torch.randn(6, 3 * 2 * 2, generator=g)
@@ -318,3 +334,40 @@ def test_stats_and_progress(planted):
     assert [s.step for s in seen] == list(range(1, 8)) and stats.step == 7 and trainer.stopped
     assert stats.rows == 7 * 64 and math.isfinite(stats.fvu) and 0 <= stats.dead_fraction <= 1
     assert stats.best_fvu == seen[-1].fvu  # no periodic check in 7 steps (every 10): the end is checked
+
+
+def test_a_checkpoint_of_format_version_1_resumes(tmp_path, planted):
+    """``data/checkpoint_v1``: a checkpoint (stopped at step 18) written by the trainer of commit d96769f (before the
+    trainer had ``state_dict``), and what that code's resume of it gave (``resumed_*``, ``resumed.json``)."""
+    data = Path(__file__).parent / "data" / "checkpoint_v1"
+    for name in ("ck.safetensors", "ck.state.safetensors"):
+        shutil.copy(data / name, tmp_path / name)
+    restored = load_checkpoint(tmp_path / "ck.safetensors")
+    assert restored.run.step == 18 and restored.best is not None and restored.fill > 0  # stopped after step 17's chunk
+    assert restored.optimizer.state and restored.facts == {"epoch": "0", "chunk": "23"}
+    x, _ = planted.planted_rows(9, width=8, atoms=12, k=2, rows=1_500, noise=0.01)
+    rest = train_sae(_source(x), _config(), checkpoint=tmp_path / "ck.safetensors", resume=True,
+                     out=tmp_path / "best.safetensors")  # fmt: skip
+    recorded = json.loads((data / "resumed.json").read_text())
+    assert (rest.stats.step, rest.stats.rows) == (recorded["step"], recorded["rows"])
+    for ours, theirs in (("ck", "resumed_current"), ("best", "resumed_best")):
+        a, b = load_sae(tmp_path / f"{ours}.safetensors"), load_sae(data / f"{theirs}.safetensors")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2])
+def test_trainer_codes_are_the_sae_encode_codes(planted, kernel_size):
+    """Training codes with the SAE's own encode: the same latents, values and order, bit for bit (also for
+    rows with fewer than k positive pre-activations, and with dead latents, when AuxK runs too)."""
+    width = 3 if kernel_size == 2 else 8
+    trainer = SaeTrainer(_config(num_latents=24, k=4, dead_after_rows=1), width, kernel_size=kernel_size)
+    g = torch.Generator().manual_seed(kernel_size)
+    x = torch.randn(300, width * kernel_size**2, generator=g)
+    with torch.no_grad():
+        trainer.sae.b_enc.copy_(torch.randn(24, generator=g) - 1.5)  # many rows have < k positive entries
+    trainer.rows_since_fired.fill_(10)  # every latent is dead: AuxK runs
+    losses = trainer.losses(x)
+    code = trainer.sae.encode(x)
+    assert losses.auxk > 0 and bool((code.values == 0).any())
+    assert torch.equal(losses.indices, code.indices) and torch.equal(losses.values, code.values)
