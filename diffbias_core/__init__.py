@@ -13,7 +13,6 @@ from .intervene.intervention import (
     edit_map,
     feature_table,
     parse_target,
-    rows_for_images,
 )
 from .measure.metrics import Proportions, class_proportions, fairness_discrepancy, kl_to_target
 from .sae.formats import FormatError, load_sae, sae_metadata, save_sae
@@ -38,7 +37,6 @@ __all__ = [
     "load_features",
     "load_sae",
     "parse_target",
-    "rows_for_images",
     "sae_metadata",
     "save_features",
     "save_sae",

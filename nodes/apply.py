@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..diffbias_core import SUPPRESS, EditSpec, parse_target
 from ..diffbias_core.attribute.features import check_top_k
+from .intervention_run import add_intervention
 from .model_info import check_hook, parse_hook
-from .patching import add_intervention
 from .widgets import seed_input
 from .wires import FeaturesType, SaeType, SaeWire
 
@@ -180,13 +180,14 @@ def intervention_model(model, sae: SaeWire, features, settings: InterventionSett
             f"start_percent {start_percent} is after end_percent {end_percent}: the edit "
             "window would be empty; make start_percent <= end_percent"
         )
-    features.check_matches(sae.sae)
+    info = sae.handle  # facts from the header; the decoder is verified once by its fingerprint
+    features.check_matches(info)
     check_top_k(features, settings.top_k)
-    hook = parse_hook(sae.sae.hook)
-    check_hook(model, hook, sae.sae.d_in, sae.sae.model_family)
-    if not hook.is_unet and sae.sae.kernel_size != 1:
+    hook = parse_hook(info.hook)
+    check_hook(model, hook, info.d_in, info.model_family)
+    if not hook.is_unet and info.kernel_size != 1:
         raise ValueError(
-            f"a {sae.sae.kernel_size}x{sae.sae.kernel_size}-kernel SAE codes spatial maps; "
+            f"a {info.kernel_size}x{info.kernel_size}-kernel SAE codes spatial maps; "
             f"DiT hook {hook.name!r} needs a per-token SAE (kernel 1)"
         )
     weights = parse_target(target, features.classes) if mode == "balance" else (1.0,) * features.num_classes
@@ -201,7 +202,7 @@ def intervention_model(model, sae: SaeWire, features, settings: InterventionSett
     return add_intervention(
         model,
         hook,
-        sae.sae,
+        info,
         features,
         spec,
         weights=weights,

@@ -17,9 +17,10 @@ from ..diffbias_core.attribute.probes import ProbeConfig, fit_probes
 from ..diffbias_core.base.memory import activation_bytes, check_fits, format_bytes
 from ..diffbias_core.base.progress import Cancelled
 from ..diffbias_core.dissect.activations import ActivationBatch, MemorySource, concat_batches, make_batch
+from ..diffbias_core.sae.lazy import SaeHandle
 from .charts import feature_chart, features_report
 from .model_info import check_hook, parse_hook
-from .patching import Captured, add_recorder
+from .recorder import Captured, add_recorder
 from .runs import plan_runs
 from .sampling import RunSettings, empty_latent, encode, sample
 from .sampling import class_prompts as parse_class_prompts
@@ -38,7 +39,7 @@ def as_map(activations: torch.Tensor) -> torch.Tensor:
     return activations.permute(0, 2, 1).unsqueeze(-1)  # (n, T, C) -> (n, C, T, 1)
 
 
-def check_map_size(model, sae: SparseAutoencoder, point, width: int, height: int) -> None:
+def check_map_size(model, sae: SparseAutoencoder | SaeHandle, point, width: int, height: int) -> None:
     """Before sampling: a K x K-kernel SAE at the UNet bottleneck needs a K x K map at this image size."""
     if sae.kernel_size == 1 or point.name != "unet.middle":
         return
@@ -54,14 +55,6 @@ def check_map_size(model, sae: SparseAutoencoder, point, width: int, height: int
             f"at {width}x{height} the map is {size[1]}x{size[0]}; set width and height to "
             f"{sae.kernel_size * scale} (the size it was trained for) or use a per-token SAE"
         )
-
-
-def autograd_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
-    """A copy of ``sae`` made outside inference mode (a node's inputs are inference tensors)."""
-    weights = (getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    return SparseAutoencoder.from_weights(
-        *weights, sae.k, hook=sae.hook, model_family=sae.model_family, provenance=sae.provenance
-    )
 
 
 class AttributeFeatures(io.ComfyNode):
@@ -166,9 +159,10 @@ class AttributeFeatures(io.ComfyNode):
         top_k: int,
     ) -> io.NodeOutput:
         names, prompts = parse_class_prompts(class_prompts)
-        point = parse_hook(sae.sae.hook)
-        check_hook(model, point, sae.sae.d_in, sae.sae.model_family)
-        check_map_size(model, sae.sae, point, width, height)
+        info = sae.handle  # the header's facts: checks before the whole SAE is read (by attribute below)
+        point = parse_hook(info.hook)
+        check_hook(model, point, info.d_in, info.model_family)
+        check_map_size(model, info, point, width, height)
         runs = plan_runs(len(prompts), [samples] * len(prompts), batch_size, seed, paired=True)
         sampled = len(runs) * steps  # progress: sampling, then probes and ranking (steps units each)
         progress = comfy.utils.ProgressBar(sampled + 2 * steps)
@@ -219,13 +213,13 @@ class AttributeFeatures(io.ComfyNode):
 
         stop = comfy.model_management.processing_interrupted  # Cancel, polled inside the fits and IG
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # tensors made here can enter autograd
-                source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
-                probes = fit_probes(source, ProbeConfig(seed=seed % 2**31), progress=phase(sampled),
-                                    should_stop=stop)  # fmt: skip
-                config = AttributionConfig(method=METHODS[method], top_k=top_k)
-                features = attribute(autograd_copy(sae.sae), source, config, probes,
-                                     progress=phase(sampled + steps), should_stop=stop)  # fmt: skip
+            # the core leaves inference mode where it fits probes and runs IG (base/grad_mode.trainable)
+            source = MemorySource(concat_batches(parts), hook=point.name, classes=names)
+            probes = fit_probes(source, ProbeConfig(seed=seed % 2**31), progress=phase(sampled),
+                                should_stop=stop)  # fmt: skip
+            config = AttributionConfig(method=METHODS[method], top_k=top_k)
+            features = attribute(sae.sae, source, config, probes, progress=phase(sampled + steps),
+                                 should_stop=stop)  # fmt: skip
         except Cancelled:
             raise comfy.model_management.InterruptProcessingException() from None
         features = dataclasses.replace(features, provenance={**features.provenance, **facts})

@@ -43,7 +43,7 @@ class SaveFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, features, sae: SaeWire, file_name: str) -> io.NodeOutput:
-        features.check_matches(sae.sae)
+        features.check_matches(sae.handle)  # the fingerprint, not the weights
         path = files.features_path(sae.path, file_name)
         save_features(features, path)
         return io.NodeOutput(path, ui=ui.PreviewText(f"saved {files.display_name(path)}"))

@@ -7,8 +7,8 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..diffbias_core import load_sae
 from ..diffbias_core.base.memory import format_bytes
+from ..diffbias_core.sae.lazy import open_sae
 from . import files
 from .model_info import parse_hook
 from .wires import SaeType, SaeWire, describe_sae
@@ -26,7 +26,8 @@ class LoadSAE(io.ComfyNode):
             description=(
                 "Loads a sparse autoencoder (SAE) trained on one hidden layer (hook point) of a diffusion "
                 "model from ComfyUI/models/sae: native diffbias files, or published sparsify / SAELens / "
-                "DiffLens folders (pick their sae.safetensors or sae_weights.safetensors)."
+                "DiffLens folders (pick their sae.safetensors or sae_weights.safetensors). Reads only the header: "
+                "an add edit later reads just the decoder rows it uses; other nodes load the whole SAE."
             ),
             inputs=[
                 io.Combo.Input(
@@ -97,9 +98,9 @@ class LoadSAE(io.ComfyNode):
         path = files.resolve(sae_name)
         override = parse_hook(hook_override).name if hook_override.strip() else None
         size = format_bytes(os.path.getsize(path))
-        logger.info("loading SAE %s: %s in memory", sae_name, size)
-        sae = load_sae(path, hook=override)
-        text = f"{sae_name}: {describe_sae(sae)}; {size} in memory"
+        sae = open_sae(path, hook=override)  # the header only: weights are read when a node needs them
+        logger.info("opened SAE %s (%s on disk)", sae_name, size)
+        text = f"{sae_name}: {describe_sae(sae)}; {size} on disk, read when an edit or a training needs it"
         return io.NodeOutput(
             SaeWire(sae, path),
             sae.d_in,

@@ -1,45 +1,31 @@
-"""The one module that knows ComfyUI's transformer_options, patch names and wrapper keys.
+"""The one module that knows ComfyUI's transformer_options, patch names, wrapper keys and batch layout.
 
-Two kinds of hook functions are installed at a hook point (see ``model_info.HookPoint``):
+A hook function ``fn(h, transformer_options) -> h`` is installed at a hook point (see
+``model_info.HookPoint``) with :func:`install`; ``h`` is the hooked activation, (B, C, H, W) for a UNet block
+or (B, T, C) image tokens for a DiT block. The seam objects below adapt it to ComfyUI's patch signatures.
+Every object stored in ``model_options`` returns itself from ``__deepcopy__`` (a ``clone()`` shares it) and
+from ``.to()`` (ComfyUI keeps the return value); weights a hook function needs on the sampling device are
+a ``ModelPatcher`` that it lists in ``models()`` (:func:`sampling_weights`), so ComfyUI counts them in its
+memory estimate, loads them with the model and offloads and frees them with it, as it does for a model patch.
 
-* :class:`FeatureEdit` changes the SAE features of a target class per image (the intervention);
-* :class:`Recorder` hands the activation to a sink and returns it unchanged (training, attribution).
-
-A hook function is called as ``fn(h, transformer_options)`` with ``h`` the hooked activation,
-(B, C, H, W) for a UNet block or (B, T, C) image tokens for a DiT block, and returns it (edited).
-The seam objects below adapt it to ComfyUI's patch signatures. Every object stored in
-``model_options`` returns itself from ``__deepcopy__`` (a ``clone()`` shares it, SAE weights are never
-copied) and from ``.to()`` (ComfyUI keeps the return value).
-
-Per-run state (the class of every image) is made by an OUTER_SAMPLE wrapper from the sampler's seed and
-put into the run's own copy of ``transformer_options`` under a key unique to the patch, so chained
-interventions never share state, and the input model's options are never touched.
+Users: ``intervention_run.py`` (the feature intervention) and ``recorder.py`` (activation capture).
+Per-run state is made by an OUTER_SAMPLE wrapper (:class:`RunWrapper`) and put into the run's own copy of
+``transformer_options`` under a key unique to the patch, so chained patches never share state and the
+input model's options are never touched.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import importlib
+from collections.abc import Callable
 
+import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..diffbias_core.intervene.intervention import (
-    KEEP,
-    EditSpec,
-    apply_edit,
-    assign_classes,
-    edit_map,
-    feature_table,
-    rows_for_images,
-)
-from ..diffbias_core.sae.model import SparseAutoencoder
 from .model_info import HookPoint
-
-logger = logging.getLogger(__name__)
 
 INTERVENTION_KEY = "diffbias_intervention"
 """Prefix of the OUTER_SAMPLE wrapper keys and ``transformer_options`` state keys of interventions."""
@@ -49,11 +35,10 @@ TXT_TOKENS_WRAPPER_KEY = "diffbias_txt_tokens"
 """DIFFUSION_MODEL wrapper key of the wrapper that records :data:`TXT_TOKENS_KEY`."""
 
 HookFn = Callable[[Tensor, dict], Tensor]
-_SAE_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-class _SharedPatch:
-    """Base of objects stored in model_options: shared by clones, moved in place by ComfyUI."""
+class SharedPatch:
+    """Base of objects stored in model_options: shared by clones; their weights move through ``models()``."""
 
     def __deepcopy__(self, memo):
         return self
@@ -61,9 +46,17 @@ class _SharedPatch:
     def to(self, target):
         return self
 
+    def models(self) -> list:
+        """ModelPatchers ComfyUI loads, counts and offloads with the model (none by default)."""
+        return []
+
+
+def _models_of(*parts) -> list:
+    return [m for part in parts if part is not None and hasattr(part, "models") for m in part.models()]
+
 
 # ------------------------------------------------------------------------------------------- seams
-class _UNetInputPatch(_SharedPatch):
+class _UNetInputPatch(SharedPatch):
     """``input_block_patch`` calling ``fn`` on the output of input block ``index`` (skip and main path)."""
 
     def __init__(self, index: int, fn: HookFn) -> None:
@@ -75,9 +68,8 @@ class _UNetInputPatch(_SharedPatch):
             return self.fn(h, transformer_options)
         return h
 
-    def to(self, target):
-        self.fn = self.fn.to(target) if hasattr(self.fn, "to") else self.fn
-        return self
+    def models(self) -> list:
+        return _models_of(self.fn)
 
 
 class _UNetOutputPatch(_UNetInputPatch):
@@ -96,7 +88,7 @@ class _UNetOutputPatch(_UNetInputPatch):
         return h, hsp
 
 
-class _DitBlockPatch(_SharedPatch):
+class _DitBlockPatch(SharedPatch):
     """``dit`` replace patch: runs the block (or the patch it replaced), then ``fn`` on the image tokens."""
 
     def __init__(self, single: bool, fn: HookFn, previous=None) -> None:
@@ -126,11 +118,12 @@ class _DitBlockPatch(_SharedPatch):
         return {**out, "img": torch.cat([img[:, :txt], edited], dim=1)}
 
     def to(self, target):
-        if hasattr(self.fn, "to"):
-            self.fn = self.fn.to(target)
         if self.previous is not None and hasattr(self.previous, "to"):
             self.previous = self.previous.to(target)
         return self
+
+    def models(self) -> list:
+        return _models_of(self.fn, self.previous)
 
 
 def _record_txt_tokens(executor, *args, **kwargs):
@@ -166,8 +159,34 @@ def install(model, hook: HookPoint, fn: HookFn) -> None:
 
 # ------------------------------------------------------------------------------------- batch layout
 def chunk_kinds(transformer_options: dict) -> list[int]:
-    """Per chunk of the model batch: 0 = conditional (positive), 1 = anything else (negative, extra conds)."""
+    """Per chunk of the model batch: 0 = conditional (positive), 1 = anything else (negative, extra conds).
+
+    ``cond_or_uncond`` lists the chunks in the order they are stacked; chunk i is rows
+    ``[i*per, (i+1)*per)`` with ``per = batch // len(chunks)``, and every chunk holds the same images in order.
+    """
     return [0 if c == 0 else 1 for c in transformer_options.get("cond_or_uncond") or [0]]
+
+
+def chosen_chunks(transformer_options: dict, batch: int, cond_only: bool) -> tuple[list[int], int, int]:
+    """(indices of the chunks to use, number of chunks, rows per chunk) of a model batch of ``batch`` rows.
+
+    ``cond_only``: the conditional chunks only; else all. ValueError when the batch does not split evenly.
+    """
+    kinds = chunk_kinds(transformer_options)
+    if batch % len(kinds) != 0:
+        raise ValueError(f"a batch of {batch} rows does not split into {len(kinds)} equal chunks ({kinds})")
+    chosen = [i for i, kind in enumerate(kinds) if kind == 0 or not cond_only]
+    return chosen, len(kinds), batch // len(kinds)
+
+
+def row_classes(image_class: Tensor, chunks: int, batch: int) -> Tensor:
+    """(batch,) class per row of ``chunks`` stacked copies of the images whose classes are image_class (n,)."""
+    if image_class.shape[0] * chunks != batch:
+        raise ValueError(
+            f"{chunks} chunks of the batch of {batch} hold {batch // max(chunks, 1)} rows each, but classes were "
+            f"assigned to {image_class.shape[0]} images"
+        )
+    return image_class.to(torch.int64).repeat(chunks)
 
 
 def row_sigmas(transformer_options: dict, batch: int) -> Tensor | None:
@@ -187,194 +206,47 @@ def step_index(transformer_options: dict, sigma: Tensor) -> int:
     return int((schedule.to(sigma.device, torch.float32) - sigma.float()).abs().argmin())
 
 
-# --------------------------------------------------------------------------------------- recording
-class Captured(NamedTuple):
-    """One hook call's activations of the chosen rows."""
-
-    activations: Tensor
-    """(rows, C, H, W) UNet map or (rows, T, C) image tokens, detached, on the model's device."""
-    image: Tensor
-    """(rows,) int64 index of the image in the sampled batch."""
-    step: int
-    """Sampling step (index into the run's schedule)."""
-    sigma: float
-    """The row's sigma."""
-
-
-class Recorder(_SharedPatch):
-    """A hook function that passes the activation of the conditional rows to ``sink`` and changes nothing."""
-
-    def __init__(self, sink: Callable[[Captured], None], cond_only: bool = True) -> None:
-        self.sink = sink
-        self.cond_only = cond_only
-
-    def __call__(self, h: Tensor, transformer_options: dict) -> Tensor:
-        kinds = chunk_kinds(transformer_options)
-        per = h.shape[0] // len(kinds)
-        rows = [
-            i * per + j for i, kind in enumerate(kinds) if kind == 0 or not self.cond_only for j in range(per)
-        ]
-        if not rows:
-            return h
-        sigmas = row_sigmas(transformer_options, h.shape[0])
-        sigma = sigmas[rows[0]] if sigmas is not None else torch.zeros(())
-        index = torch.tensor(rows, device=h.device)
-        self.sink(
-            Captured(
-                h.detach().index_select(0, index),
-                index.cpu() % per,
-                step_index(transformer_options, sigma),
-                float(sigma),
-            )
-        )
-        return h
-
-
-# ------------------------------------------------------------------------------------ intervention
-class ClassPlan(NamedTuple):
-    """How every image of a run gets its target class."""
-
-    weights: tuple[float, ...]
-    """Target proportions per class (stratified assignment), used when ``fixed`` is None."""
-    fixed: int | None
-    """One class for every image (a class index, or ``SUPPRESS``), or None to draw by ``weights``."""
-    seed: int
-    """The node's seed, mixed with the sampler's seed and ``salt``."""
-    salt: str
-    """Distinguishes chained interventions so that their assignments are independent."""
-
-    def classes(self, num_images: int, sampler_seed: int | None) -> Tensor:
-        """(num_images,) int64 target class per image, a function of the sampler's seed."""
-        if self.fixed is not None:
-            return torch.full((num_images,), self.fixed, dtype=torch.int64)
-        return assign_classes(num_images, self.weights, derive_seed(sampler_seed, self.seed, self.salt))
-
-
-def derive_seed(sampler_seed: int | None, node_seed: int, salt: str) -> int:
-    """A 63-bit seed from the sampler's seed, the node's seed and a salt (independent per salt)."""
-    text = f"{sampler_seed}:{node_seed}:{salt}".encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
-
-
-class RunState:
-    """Per sampling run: the target class per image and the active sigma window."""
-
-    def __init__(self, image_class: Tensor, sigma_high: float, sigma_low: float) -> None:
-        self.image_class = image_class  # (n,) int64 on the CPU
-        self.sigma_high = sigma_high
-        self.sigma_low = sigma_low
-        self._on: dict[torch.device, Tensor] = {}
-
-    def image_class_on(self, device: torch.device) -> Tensor:
-        """(n,) image classes on ``device`` (copied once per run and device)."""
-        if device not in self._on:
-            self._on[device] = self.image_class.to(device)
-        return self._on[device]
-
-
-def _sae_on(sae: SparseAutoencoder, device: torch.device, dtype: torch.dtype) -> SparseAutoencoder:
-    """``sae`` itself if it already lives on device/dtype, else a new SAE holding moved copies of its weights.
-
-    The source SAE is never changed: it is the value of a DIFFBIAS_SAE wire that other nodes share.
-    """
-    if sae.device == device and sae.dtype == dtype:
-        return sae
-    weights = (getattr(sae, name).detach().to(device=device, dtype=dtype) for name in _SAE_WEIGHTS)
-    return SparseAutoencoder.from_weights(
-        *weights, sae.k, hook=sae.hook, model_family=sae.model_family, provenance=sae.provenance
+# -------------------------------------------------------------------------------- weights and runs
+def sampling_weights(module: nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for ``module`` (weights a patch needs while sampling): ComfyUI loads it to the sampling
+    device with the model when a patch lists it in ``models()``, counts its size, and offloads it with the
+    model. It moves ``module`` in place: give it a module no one else holds."""
+    return comfy.model_patcher.ModelPatcher(
+        module,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
     )
 
 
-class FeatureEdit(_SharedPatch):
-    """The intervention hook function: edits the features of each row's target class.
-
-    Row classes come from the :class:`RunState` that :class:`InterventionWrapper` put under
-    ``state_key``; unconditional chunks (``cond_only``) are not even encoded, and rows outside the sigma
-    window are left bit for bit.
-    """
-
-    def __init__(
-        self,
-        sae,
-        features,
-        spec: EditSpec,
-        state_key: str,
-        plan: ClassPlan,
-        cond_only: bool = True,
-        compute_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.sae = sae
-        self.features = features
-        self.spec = spec
-        self.state_key = state_key
-        self.plan = plan
-        self.cond_only = cond_only
-        self.compute_dtype = compute_dtype
-        self._dtype: torch.dtype | None = compute_dtype
-        self._work: tuple[torch.device, torch.dtype, torch.nn.Module, object] | None = None
-
-    def to(self, target):
-        if isinstance(target, torch.dtype):
-            if self.compute_dtype is None and target != self._dtype:
-                self._dtype = target
-                self._work = None
-        else:
-            device = torch.device(target)
-            if self._work is not None and self._work[0] != device:
-                self._work = None  # frees the copy on the old device; rebuilt on the next call
-        return self
-
-    def _working(self, device: torch.device, dtype: torch.dtype):
-        work = self._work
-        if work is None or work[0] != device or work[1] != dtype:
-            sae = _sae_on(self.sae, device, dtype)
-            work = (device, dtype, sae, feature_table(self.features, self.spec.top_k, device))
-            self._work = work
-        return work[2], work[3]
-
-    def __call__(self, h: Tensor, transformer_options: dict) -> Tensor:
-        kinds = chunk_kinds(transformer_options)
-        per = h.shape[0] // len(kinds)
-        edited = [i for i, kind in enumerate(kinds) if kind == 0 or not self.cond_only]
-        if not edited:  # only unconditional chunks in this call: nothing to do, nothing to encode
-            return h
-        if len(edited) == len(kinds):
-            return self._edit(h, len(kinds), transformer_options)
-        chunks = list(h.split(per))  # (per, ...) views; the chunks not edited are copied back as they are
-        done = self._edit(torch.cat([chunks[i] for i in edited]), len(edited), transformer_options)
-        for j, i in enumerate(edited):
-            chunks[i] = done[j * per : (j + 1) * per]
-        return torch.cat(chunks)
-
-    def _edit(self, h: Tensor, chunks: int, transformer_options: dict) -> Tensor:
-        """Edit every row of h: ``chunks`` stacked copies of the run's images."""
-        per = h.shape[0] // chunks
-        state = transformer_options.get(self.state_key)
-        if state is None:  # sampled without a guider run (no OUTER_SAMPLE): classes from the node's seed
-            state = RunState(self.plan.classes(per, None), float("inf"), float("-inf"))
-        sae, table = self._working(h.device, self._dtype or h.dtype)
-        rows = rows_for_images(state.image_class_on(h.device), [0] * chunks, h.shape[0], False)  # (B,)
-        sigmas = row_sigmas(transformer_options, h.shape[0])
-        if sigmas is not None:
-            active = (sigmas <= state.sigma_high) & (sigmas >= state.sigma_low)  # (B,)
-            rows = rows.masked_fill(~active.to(rows.device), KEEP)
-        if h.ndim == 4:
-            return edit_map(h, sae, table, rows, self.spec)
-        return apply_edit(h, sae, table, rows, self.spec)
+def compute_dtype(model) -> torch.dtype:
+    """The dtype ``model`` computes its activations in (its weights' dtype, or the manual-cast dtype)."""
+    cast = getattr(model.model, "manual_cast_dtype", None)
+    return cast if cast is not None else model.model_dtype()
 
 
-class InterventionWrapper:
-    """OUTER_SAMPLE wrapper: draws the image classes of one run from its seed; removes them afterwards.
+def wrapper_count(model, prefix: str) -> int:
+    """How many OUTER_SAMPLE wrappers with keys starting with ``prefix`` ``model`` carries."""
+    keys = model.wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {})
+    return sum(1 for key in keys if isinstance(key, str) and key.startswith(prefix))
+
+
+def add_run_wrapper(model, key: str, wrapper) -> None:
+    """Install ``wrapper`` (a :class:`RunWrapper`) as the OUTER_SAMPLE wrapper ``key`` of ``model``."""
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
+
+
+class RunWrapper:
+    """OUTER_SAMPLE wrapper: ``start(num_images, seed, model_sampling)`` makes a run's state, which is put into
+    the run's ``transformer_options`` under ``state_key`` while it samples and removed afterwards.
 
     Arguments after ``seed`` are handed to ``executor`` as they came: ComfyUI 0.3.64 passes none, newer
     ComfyUI passes ``latent_shapes=`` (see docs/comfyui-compat.md).
     """
 
-    def __init__(self, state_key: str, plan: ClassPlan, start_percent: float, end_percent: float) -> None:
-        self.state_key = state_key
-        self.plan = plan
-        self.start_percent = start_percent
-        self.end_percent = end_percent
+    state_key: str
+
+    def start(self, num_images: int, seed: int | None, model_sampling):
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -390,15 +262,9 @@ class InterventionWrapper:
         **later,
     ):
         guider = executor.class_obj
-        sampling = guider.model_patcher.get_model_object("model_sampling")
-        state = RunState(
-            self.plan.classes(noise.shape[0], seed),
-            float(sampling.percent_to_sigma(self.start_percent)),
-            float(sampling.percent_to_sigma(self.end_percent)),
-        )
+        state = self.start(noise.shape[0], seed, guider.model_patcher.get_model_object("model_sampling"))
         options = guider.model_options.setdefault("transformer_options", {})
         options[self.state_key] = state
-        logger.debug("diffbias: %s image classes %s", self.state_key, state.image_class.tolist())
         try:
             return executor(
                 noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **later
@@ -407,60 +273,42 @@ class InterventionWrapper:
             options.pop(self.state_key, None)
 
 
-def intervention_count(model) -> int:
-    """How many diffbias interventions ``model`` carries already (the next one's ordinal)."""
-    keys = model.wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {})
-    return sum(1 for key in keys if isinstance(key, str) and key.startswith(INTERVENTION_KEY))
-
-
-def add_intervention(
-    model,
-    hook: HookPoint,
-    sae,
-    features,
-    spec: EditSpec,
-    *,
-    weights: Sequence[float],
-    fixed: int | None,
-    seed: int,
-    window: tuple[float, float],
-    cond_only: bool,
-):
-    """A clone of ``model`` with the feature intervention installed at ``hook`` (``model`` is unchanged).
-
-    window: (start_percent, end_percent) of the schedule in which the edit acts.
-    """
-    clone = model.clone()
-    ordinal = intervention_count(model)
-    key = f"{INTERVENTION_KEY}_{ordinal}"
-    plan = ClassPlan(tuple(weights), fixed, int(seed), f"{ordinal}:{','.join(features.classes)}")
-    install(clone, hook, FeatureEdit(sae, features, spec, key, plan, cond_only=cond_only))
-    clone.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
-        key,
-        InterventionWrapper(key, plan, window[0], window[1]),
+_MOVED = {
+    name: "intervention_run"
+    for name in (
+        "ClassPlan",
+        "FeatureEdit",
+        "InterventionWrapper",
+        "RunState",
+        "add_intervention",
+        "derive_seed",
+        "intervention_count",
     )
-    return clone
+}
+_MOVED.update({name: "recorder" for name in ("Captured", "Recorder", "add_recorder")})
 
 
-def add_recorder(model, hook: HookPoint, sink: Callable[[Captured], None], cond_only: bool = True):
-    """A clone of ``model`` that hands the activations at ``hook`` to ``sink`` while it samples."""
-    clone = model.clone()
-    install(clone, hook, Recorder(sink, cond_only))
-    return clone
+def __getattr__(name: str):
+    """The intervention and the recorder moved to their own modules; scripts that import them from here still
+    work."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "INTERVENTION_KEY",
     "TXT_TOKENS_KEY",
-    "Captured",
-    "ClassPlan",
-    "FeatureEdit",
-    "InterventionWrapper",
-    "Recorder",
-    "RunState",
-    "add_intervention",
-    "add_recorder",
-    "derive_seed",
+    "RunWrapper",
+    "SharedPatch",
+    "add_run_wrapper",
+    "chosen_chunks",
+    "chunk_kinds",
+    "compute_dtype",
     "install",
+    "row_classes",
+    "row_sigmas",
+    "sampling_weights",
+    "step_index",
+    "wrapper_count",
 ]

@@ -17,7 +17,7 @@ from ..diffbias_core.dissect.train import config_for_rows, rows_per_activation, 
 from ..diffbias_core.dissect.train_check import Reservoir
 from . import files
 from .model_info import check_hook, parse_hook
-from .patching import Captured, add_recorder
+from .recorder import Captured, add_recorder
 from .runs import plan_runs, spread
 from .sampling import RunSettings, empty_latent, encode, prompt_lines, sample
 from .widgets import negative_prompt_input, sampler_inputs, size_inputs

@@ -31,6 +31,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ..base.grad_mode import trainable
 from ..base.progress import check_stop
 from ..dissect.activations import ActivationBatch, ActivationSource
 from ..sae.model import SparseAutoencoder
@@ -305,7 +306,8 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
 
     ``ig`` needs ``probes`` fitted on the same hook and activation shape (ValueError otherwise).
     progress: called with (units done, units in all). should_stop: polled before every batch of work; True
-    raises :class:`~.progress.Cancelled`. Scores are summed over steps, samples, positions.
+    raises :class:`~.progress.Cancelled`. Scores are summed over steps, samples, positions. Works inside
+    ``torch.inference_mode()`` on an SAE and activations made there (``ig`` copies such an SAE once).
     """
     sae.check_width(source.row_shape[0], "activations")
     if sae.hook != source.hook and "unknown" not in (sae.hook, source.hook):
@@ -326,6 +328,9 @@ def attribute(sae: SparseAutoencoder, source: ActivationSource, config: Attribut
                 f"the probes predict classes {list(probes.classes)}, the activations name "
                 f"{list(source.classes)}"
             )
+        if sae.W_dec.is_inference():  # loaded in a ComfyUI node: autograd cannot save inference tensors
+            with trainable():
+                sae = sae.copy_to()
         scores, more = ig_scores(sae, probes, source, config, progress, should_stop)
         facts.update(more)
     elif config.method == "mean-diff":

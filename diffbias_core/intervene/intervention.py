@@ -10,8 +10,8 @@ latent j is not among the k active ones) and the change is decoded from the sele
 
 Every image (batch row) has a class: the class whose features are edited for it, ``-1`` to leave the
 row unchanged, or :data:`SUPPRESS` to ablate the features of every class. :func:`assign_classes` draws
-classes for a batch so that it follows a target distribution; :func:`rows_for_images` maps them to the
-rows of a ComfyUI CFG batch.
+classes for a batch so that it follows a target distribution (how a sampler's batch stacks the images is
+the nodes' business). ``add`` with the other classes kept needs no encoder: see ``additive.py``.
 """
 
 from __future__ import annotations
@@ -294,35 +294,6 @@ def _parse_weight(value: str, text: str) -> float:
     return weight
 
 
-def rows_for_images(
-    image_class: Tensor, cond_or_uncond: Sequence[int], batch: int, cond_only: bool
-) -> Tensor:
-    """Class per row of a model call whose batch stacks chunks of the same images.
-
-    image_class: (n,) int64 class per image. cond_or_uncond: one entry per chunk, 0 = conditional
-    (positive), 1 = unconditional (negative), in the order the chunks are stacked; chunk i holds rows
-    [i*per, (i+1)*per), per = batch // len(cond_or_uncond), and must hold the same n images in order.
-    Rows of unconditional chunks get -1 when ``cond_only``. Returns (batch,) int64 on image_class's device.
-    """
-    chunks = list(cond_or_uncond)
-    if not chunks or batch % len(chunks) != 0:
-        raise ValueError(
-            f"batch {batch} does not split into {len(chunks)} equal chunks (cond_or_uncond {chunks})"
-        )
-    bad = [c for c in chunks if c not in (0, 1)]
-    if bad:
-        raise ValueError(f"cond_or_uncond entries must be 0 (cond) or 1 (uncond), got {chunks}")
-    per = batch // len(chunks)
-    if image_class.shape != (per,):
-        raise ValueError(
-            f"each of the {len(chunks)} chunks of the batch of {batch} holds {per} rows, but classes were "
-            f"assigned to image_class of shape {tuple(image_class.shape)}; expected ({per},)"
-        )
-    image_class = image_class.to(torch.int64)
-    skip = torch.full_like(image_class, KEEP)
-    return torch.cat([skip if (cond_only and c == 1) else image_class for c in chunks])
-
-
 __all__ = [
     "EDIT_MODES",
     "KEEP",
@@ -337,5 +308,4 @@ __all__ = [
     "edit_map",
     "feature_table",
     "parse_target",
-    "rows_for_images",
 ]

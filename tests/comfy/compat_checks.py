@@ -28,12 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
-def load_patching():
-    """The plugin's nodes.patching module, as ComfyUI's loader imports the plugin."""
+def load_intervention():
+    """The plugin's nodes.intervention_run module, as ComfyUI's loader imports the plugin."""
     if not asyncio.run(nodes.load_custom_node(str(REPO))):
         raise RuntimeError(f"ComfyUI's loader did not load the plugin at {REPO}")
     package = sys.modules[str(REPO).replace(".", "_x_")]
-    return sys.modules[package.__name__ + ".nodes.patching"]
+    return sys.modules[package.__name__ + ".nodes.intervention_run"]
 
 
 class SamplingOnly(torch.nn.Module):
@@ -92,4 +92,4 @@ def check_outer_sample_hands_on_later_arguments(patching) -> None:
 
 
 if __name__ == "__main__":
-    check_outer_sample_hands_on_later_arguments(load_patching())
+    check_outer_sample_hands_on_later_arguments(load_intervention())

@@ -216,8 +216,15 @@ def test_probes_and_attribution_work_inside_inference_mode(planted):
     outside = attribute(sae, source, config, fit_probes(source, probe_config))
     with torch.inference_mode():  # how ComfyUI runs a node
         inside = attribute(sae, source, config, fit_probes(source, probe_config))
-    for a, b in zip(inside.scores, outside.scores, strict=True):
+        # as in a node: the SAE loaded and the activations recorded there are inference tensors
+        node_sae = sae.copy_to()
+        node_source = MemorySource(type(problem.batch)(*(t.clone() for t in problem.batch)), hook="test.hook",
+                                   classes=problem.classes)  # fmt: skip
+        assert node_sae.W_dec.is_inference() and node_source.batch.activations.is_inference()
+        in_node = attribute(node_sae, node_source, config, fit_probes(node_source, probe_config))
+    for a, b, c in zip(inside.scores, outside.scores, in_node.scores, strict=True):
         torch.testing.assert_close(a, b)
+        torch.testing.assert_close(c, b)
 
 
 def test_attribution_errors(planted):

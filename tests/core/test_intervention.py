@@ -17,7 +17,6 @@ from diffbias_core.intervene.intervention import (
     edit_map,
     feature_table,
     parse_target,
-    rows_for_images,
 )
 
 CLASS_IDS = [[3, 7, 1, 9], [7, 2], [5, 3, 11]]  # latent 7 and 3 are listed by two classes each
@@ -275,18 +274,3 @@ def test_parse_target():
     ]:
         with pytest.raises(ValueError, match=message):
             parse_target(text, classes)
-
-
-def test_rows_for_images_follows_the_chunk_order():
-    image_class = torch.tensor([1, 0, SUPPRESS])
-    assert rows_for_images(image_class, [0, 1], 6, cond_only=True).tolist() == [1, 0, -2, -1, -1, -1]
-    assert rows_for_images(image_class, [1, 0], 6, cond_only=True).tolist() == [-1, -1, -1, 1, 0, -2]
-    assert rows_for_images(image_class, [1, 0], 6, cond_only=False).tolist() == [1, 0, -2] * 2
-    assert rows_for_images(image_class, [0], 3, cond_only=True).tolist() == [1, 0, -2]
-    assert rows_for_images(image_class, [0, 0, 1], 9, cond_only=True).tolist() == [1, 0, -2] * 2 + [-1] * 3
-    with pytest.raises(ValueError, match="does not split into 2 equal chunks"):
-        rows_for_images(image_class, [0, 1], 5, cond_only=True)
-    with pytest.raises(ValueError, match=r"expected \(2,\)"):
-        rows_for_images(image_class, [0, 1], 4, cond_only=True)
-    with pytest.raises(ValueError, match="0 \\(cond\\) or 1 \\(uncond\\)"):
-        rows_for_images(image_class, [0, 2], 6, cond_only=True)

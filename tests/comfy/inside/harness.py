@@ -252,11 +252,12 @@ def tiny_flux(seed: int = 1):
 def run_classes(plugin: Plugin, model, positive, negative, latent, seed: int) -> dict[str, list[int]]:
     """Per intervention key, the class each image of the batch was assigned in one sampler run (1 step)."""
     patching = plugin.module("nodes.patching")
+    run = plugin.module("nodes.intervention_run")
     seen: dict[str, list[int]] = {}
 
     def post_cfg(args):
         for key, value in args["model_options"]["transformer_options"].items():
-            if key.startswith(patching.INTERVENTION_KEY) and isinstance(value, patching.RunState):
+            if key.startswith(patching.INTERVENTION_KEY) and isinstance(value, run.RunState):
                 seen.setdefault(key, value.image_class.tolist())
         return args["denoised"]
 

@@ -137,8 +137,8 @@ def hook_width(plugin, model, hook: str) -> int | None:
 
 
 def force_edit(plugin, core, model, hook: str, sae, features, strength: float, cond_only: bool):
-    """``patching.add_intervention`` called directly: the patch installed whatever the nodes would say."""
-    return plugin.module("nodes.patching").add_intervention(
+    """``intervention_run.add_intervention`` called directly: the patch installed whatever the nodes would say."""
+    return plugin.module("nodes.intervention_run").add_intervention(
         model,
         plugin.module("nodes.model_info").parse_hook(hook),
         sae,
@@ -158,7 +158,7 @@ def test_family_and_every_hook_point_are_detected_and_fire(family, plugin, runs)
     """describe() names the family and exactly the model's hook points; the plugin's recorder at every one
     of them fires while sampling, with the width hook_width() reports."""
     model_info = plugin.module("nodes.model_info")
-    patching = plugin.module("nodes.patching")
+    recorder = plugin.module("nodes.recorder")
     model = runs.plain(family).model
     info = model_info.describe(model)
     assert info.family == family.family, f"{family.name}: family detected as {info.family!r}"
@@ -169,7 +169,7 @@ def test_family_and_every_hook_point_are_detected_and_fire(family, plugin, runs)
     recording = model
     for hook in info.hooks:
         sink = lambda captured, hook=hook: seen.setdefault(hook, width_of(family, captured.activations))  # noqa: E731
-        recording = patching.add_recorder(recording, model_info.parse_hook(hook), sink, cond_only=False)
+        recording = recorder.add_recorder(recording, model_info.parse_hook(hook), sink, cond_only=False)
     runs.run(recording, family, batch=2, steps=1)
     expected = {hook: hook_width(plugin, model, hook) for hook in info.hooks}
     assert seen == expected, f"{family.name}: widths seen while sampling {seen}, reported {expected}"

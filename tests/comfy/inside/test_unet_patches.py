@@ -74,7 +74,7 @@ def test_neutral_strength_returns_the_input_model(setup, apply_intervention):
 def test_an_installed_neutral_edit_is_bit_identical(setup, conds, sample, plugin, core):
     """The patch itself, installed although neutral (scale 1), leaves every sample bit-identical."""
     model, sae, features = setup
-    forced = plugin.module("nodes.patching").add_intervention(
+    forced = plugin.module("nodes.intervention_run").add_intervention(
         model,
         plugin.module("nodes.model_info").parse_hook(HOOK),
         sae,
@@ -103,32 +103,39 @@ def test_schedule_window_gates_the_edit(setup, conds, sample, apply_intervention
     assert_differs(sample(inside, *conds, latent(), steps=1), plain, "a 1-step sample with the window 0..0.5")
 
 
-def test_clone_shares_the_patch_and_the_sae_weights(setup, apply_intervention):
+def test_clone_shares_the_patch_and_its_weights(setup, apply_intervention):
     model, sae, features = setup
-    patched = apply_intervention(model, sae, features)
-    clone = patched.clone()
-    patches = patched.model_options["transformer_options"]["patches"]["output_block_patch"]
-    cloned = clone.model_options["transformer_options"]["patches"]["output_block_patch"]
-    assert cloned[0] is patches[0], f"clone() copied the patch: {cloned[0]!r} is not {patches[0]!r}"
-    assert cloned[0].fn.sae.W_dec.data_ptr() == sae.W_dec.data_ptr(), "clone() copied the SAE's weights"
+    for edit in ("add", "scale"):
+        patched = apply_intervention(model, sae, features, edit=edit, strength=3.0)
+        clone = patched.clone()
+        patches = patched.model_options["transformer_options"]["patches"]["output_block_patch"]
+        cloned = clone.model_options["transformer_options"]["patches"]["output_block_patch"]
+        assert cloned[0] is patches[0], (
+            f"{edit}: clone() copied the patch: {cloned[0]!r} is not {patches[0]!r}"
+        )
+        weights = cloned[0].fn.weights.model  # the edit's EditWeights, held by its ModelPatcher
+        if edit == "add":
+            assert weights.sae is None, "an add edit with others kept must not hold the SAE"
+            assert weights.tables.delta.shape == (2, WIDTH), f"deltas {tuple(weights.tables.delta.shape)}"
+        else:
+            assert weights.sae.W_dec.data_ptr() == sae.W_dec.data_ptr(), "the float32 copy copied the weights"
 
 
-def test_patch_to_returns_itself_and_computes_in_the_new_dtype(setup, apply_intervention):
+def test_the_patch_lists_its_weights_for_comfyui_to_load(setup, apply_intervention):
+    """ComfyUI asks every patch for models(): the edit's weights are a ModelPatcher sized as its module, found
+    through the model's own model_patches_models() (what load_models_gpu reads)."""
+    import comfy.model_management
+
     model, sae, features = setup
-    edit = (
-        apply_intervention(model, sae, features)
-        .model_options["transformer_options"]["patches"]["output_block_patch"][0]
-        .fn
+    patched = apply_intervention(model, sae, features, edit="scale", strength=2.0)
+    patch = patched.model_options["transformer_options"]["patches"]["output_block_patch"][0]
+    assert patch.to(torch.device("cpu")) is patch and patch.to(torch.float16) is patch, (
+        ".to() must return itself"
     )
-    assert edit.to(torch.device("cpu")) is edit, ".to(device) did not return the patch itself"
-    try:
-        assert edit.to(torch.float16) is edit, ".to(dtype) did not return the patch itself"
-        h = torch.randn(2, WIDTH, 1, 1)  # (batch, channels, h, w)
-        out = edit(h, {"cond_or_uncond": [0], "sigmas": torch.ones(2)})
-        assert edit._work[1] == torch.float16, f"after .to(float16) the SAE computes in {edit._work[1]}"
-        assert out.dtype == torch.float32, f"the patch returned {out.dtype} for a float32 input"
-    finally:
-        edit.to(torch.float32)
+    listed = patched.model_patches_models()
+    assert listed == [patch.fn.weights], f"model_patches_models() gave {listed}"
+    module = patch.fn.weights.model
+    assert patch.fn.weights.model_size() == comfy.model_management.module_size(module) > sae.W_enc.nbytes
 
 
 def test_class_assignment_is_stratified_and_reproducible(setup, conds, plugin, apply_intervention):
