@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--memory", default="sd15:unpatched+add_kernel8+scale_kernel8+add_per_token",
                         help="per size, the variants measured in child processes ('' for none)")  # fmt: skip
+    parser.add_argument(
+        "--timing", action=argparse.BooleanOptionalAction, default=True, help="time the steps"
+    )
     parser.add_argument("--child-timeout", type=int, default=1800, help="seconds for each child process")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the SAE files (kept)")
     parser.add_argument(
@@ -151,7 +154,7 @@ def timing_child(args) -> dict:
         for series in times:
             series.clear()
     rng = random.Random(args.seed)
-    blocks = int(per_size(args.blocks).get(args.size, 2))
+    blocks = max(1, int(per_size(args.blocks).get(args.size, 2)))
     for block in range(blocks):
         order = list(runs)
         rng.shuffle(order)
@@ -161,10 +164,31 @@ def timing_child(args) -> dict:
                 f"{args.size} block {block + 1}/{blocks} {name}: {runs[name][1].wall[-1]:.3f} s/step",
                 flush=True,
             )
+        result = summary(args, size, width, files, {name: times for name, (_, times) in runs.items()})
+        result.update(skipped=skipped, partial=block + 1 < blocks)
+        write_json(
+            args.out, result
+        )  # after every block: a run stopped by its time limit keeps what it measured
+    return result
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write ``value`` to ``path`` through a temporary file and a rename (never half written)."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def summary(args, size, width: int, files: dict, times: dict) -> dict:
+    """Per-block seconds of every variant and each patched variant's ratios to the unpatched UNet."""
+    import torch
+
+    calls = args.steps_per_call
+    blocks = len(times["unpatched"].wall) // calls
     per_block = {
-        name: {key: [sum(series[b * args.steps_per_call : (b + 1) * args.steps_per_call]) for b in range(blocks)]
-               for key, series in times._asdict().items()}
-        for name, (_, times) in runs.items()
+        name: {key: [sum(series[b * calls : (b + 1) * calls]) for b in range(blocks)]
+               for key, series in series_of._asdict().items()}
+        for name, series_of in times.items()
     }  # fmt: skip
     base = per_block["unpatched"]
     ratios = {}
@@ -180,13 +204,11 @@ def timing_child(args) -> dict:
             )._asdict(),
             **({"cpu": bs.paired_ratio(block["cpu"], base["cpu"])._asdict()} if args.device == "cpu" else {}),
         }
-    import torch
-
     return {
         "pixels": size.pixels, "dtype": str(dtype_of(args, args.size)).removeprefix("torch."),
         "unet_channels": bc.SMALL_WIDTH if args.quick else 320, "sae_width": width, "blocks": blocks,
-        "steps_per_call": args.steps_per_call, "threads": torch.get_num_threads(), "sae_file_bytes": files,
-        "seconds_per_block": per_block, "ratios": ratios, "skipped": skipped,
+        "steps_per_call": calls, "threads": torch.get_num_threads(), "sae_file_bytes": files,
+        "seconds_per_block": per_block, "ratios": ratios,
     }  # fmt: skip
 
 
@@ -232,6 +254,8 @@ def run_child(args, kind: str, size: str, variant: str = "") -> dict:
                 command, timeout=args.child_timeout, stdout=None, stderr=subprocess.PIPE, text=True
             )
         except subprocess.TimeoutExpired:
+            if out.is_file():  # the blocks measured before the limit
+                return {**json.loads(out.read_text()), "partial": True}
             return {"error": f"timed out after {args.child_timeout} s"}
         if done.returncode != 0 or not out.is_file():
             return {"error": f"exit {done.returncode}: {done.stderr[-2000:]}"}
@@ -265,6 +289,8 @@ def report(results: dict) -> None:
         if "error" in timing:
             print(f"\n{size}: timing failed: {timing['error']}")
             continue
+        if timing.get("partial"):
+            print(f"\n{size}: stopped by --child-timeout after {timing['blocks']} block(s)")
         print(f"\n{size} UNet at {timing['pixels']} px, {timing['dtype']}, {timing['threads']} threads, "
               f"{timing['blocks']} blocks x {timing['steps_per_call']} call(s)")  # fmt: skip
         for name, block in timing["seconds_per_block"].items():
@@ -286,21 +312,21 @@ def main() -> None:
     bc.reexec_with_comfyui()
     if args.child:
         result = timing_child(args) if args.child == "timing" else memory_child(args)
-        args.out.write_text(json.dumps(result))
+        write_json(args.out, result)
         return
     results = {"command": " ".join(["python", "benchmarks/intervention_overhead.py", *sys.argv[1:]]),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device},
                "sizes": {}}  # fmt: skip
     memory = {size: variants.split("+") for size, variants in per_size(args.memory).items()}
     for size in split(args.sizes):
-        timing = run_child(args, "timing", size)
+        timing = run_child(args, "timing", size) if args.timing else {"error": "not run (--no-timing)"}
         children = {v: run_child(args, "memory", size, v) for v in memory.get(size, [])}
         result = {"timing": timing, "memory": children}
         if children:
             result["memory_summary"] = memory_summary(children, timing.get("sae_file_bytes", {}), args.device)
         results["sizes"][size] = result
         if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+            write_json(args.json, results)
     report(results)
 
 
