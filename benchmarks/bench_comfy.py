@@ -182,15 +182,10 @@ def sae_file(
         return name, known.read_text().strip()
     folder.mkdir(parents=True, exist_ok=True)
     sae = plugin.core.SparseAutoencoder(
-        width,
-        layout.latents,
-        layout.k,
-        kernel_size=layout.kernel,
-        hook="unet.middle",
-        model_family=size.family,
-    )
-    sae.reset_parameters(torch.Generator().manual_seed(layout.kernel))
-    sae = sae.to(dtype)
+        width, layout.latents, layout.k, kernel_size=layout.kernel, hook="unet.middle",
+        model_family=size.family, dtype=dtype, device="meta",
+    ).to_empty(device="cpu")  # fmt: skip
+    sae.reset_parameters(torch.Generator().manual_seed(layout.kernel))  # one float32 draw, cast into dtype
     fingerprint = sae.fingerprint()
     plugin.core.save_sae(sae, path)
     known.write_text(fingerprint)
