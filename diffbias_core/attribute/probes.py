@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base.progress import check_stop
-from ..dissect.activations import ActivationBatch, ActivationSource, holdout_samples
+from ..dissect.activations import ActivationBatch, ActivationSource
+from ..dissect.train_check import holdout_samples
 
 
 @dataclass(frozen=True)

@@ -111,20 +111,6 @@ def concat_batches(batches: Sequence[ActivationBatch]) -> ActivationBatch:
     return ActivationBatch(*(torch.cat(fields) for fields in zip(*batches, strict=True)))
 
 
-def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
-    """The sample ids held out: a seeded ``fraction`` of the distinct ids in samples (N,) -> (M,).
-
-    All rows of one sample id (one initial noise, under every class prompt) stay on one side: the SAE's
-    held-out FVU and the probes' held-out accuracy never see a pairing partner of a training row.
-    """
-    ids = samples.unique()
-    count = int(round(fraction * len(ids)))
-    if fraction > 0 and len(ids) > 1:
-        count = min(max(count, 1), len(ids) - 1)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    return ids[order[:count]].sort().values
-
-
 def to_sae_inputs(activations: Tensor, kernel_size: int = 1) -> Tensor:
     """Rows an SAE reads from hooked activations (:func:`~..base.layout.activations_to_rows`).
 
@@ -398,7 +384,6 @@ __all__ = [
     "ShardReader",
     "ShardSet",
     "concat_batches",
-    "holdout_samples",
     "make_batch",
     "read_shard",
     "to_sae_inputs",

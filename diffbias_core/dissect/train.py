@@ -22,13 +22,14 @@ from ..base.atomic import check_writable_name
 from ..base.layout import activations_to_rows
 from ..sae.model import SparseAutoencoder
 from . import distributed as ddp
-from .activations import ActivationSource, holdout_samples
+from .activations import ActivationSource
 from .train_check import (
     MIN_JUDGE_ROWS,
     HeldOut,
     Plateau,
     TrainCheck,
     heldout_fvu,
+    holdout_samples,
     judge,
     step_cap,
     steps_per_pass,

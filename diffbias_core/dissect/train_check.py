@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .activations import ActivationBatch, make_batch
+
 FVU_CEILING = 0.5
 """Held-out FVU above this (less than half the variance reconstructed) marks the SAE under-trained."""
 DEAD_CEILING = 0.5
@@ -206,6 +208,20 @@ def steps_per_pass(rows: int, batch_size: int, world: int = 1) -> int:
     return max(1, math.ceil(rows / (batch_size * world)))
 
 
+def holdout_samples(samples: Tensor, fraction: float, seed: int) -> Tensor:
+    """The sample ids held out: a seeded ``fraction`` of the distinct ids in samples (N,) -> (M,).
+
+    All rows of one sample id (one initial noise, under every class prompt) stay on one side: the SAE's
+    held-out FVU and the probes' held-out accuracy never see a pairing partner of a training row.
+    """
+    ids = samples.unique()
+    count = int(round(fraction * len(ids)))
+    if fraction > 0 and len(ids) > 1:
+        count = min(max(count, 1), len(ids) - 1)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return ids[order[:count]].sort().values
+
+
 class HeldOut:
     """Splits the activations of :func:`~.train.train_sae` into training and held-out rows.
 
@@ -282,10 +298,8 @@ class Reservoir:
             self.sample[slots], self.step[slots] = sample[chosen], step[chosen]
         self.seen += activations.shape[0]
 
-    def batch(self):
+    def batch(self) -> ActivationBatch | None:
         """The kept activations as an :class:`~.activations.ActivationBatch` (None when empty)."""
-        from .activations import make_batch
-
         if self.acts is None:
             return None
         return make_batch(self.acts, self.step, sample=self.sample)
@@ -301,6 +315,7 @@ __all__ = [
     "TrainCheck",
     "auto_batch_size",
     "heldout_fvu",
+    "holdout_samples",
     "judge",
     "step_cap",
     "steps_per_pass",
