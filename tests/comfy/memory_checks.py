@@ -3,16 +3,22 @@
 Run by tests/comfy/test_edit_memory.py (cwd = ComfyUI, this folder on sys.path):
 
 * ``python memory_checks.py make FILE``: write a random kernel-8 SAE for the small SD1.5-layout UNet's middle
-  block (128 channels, 8x8 at 512 px: inputs of 128*64 = 8192) with 4096 latents, float32 (268 MB). Its own
+  block (128 channels, 8x8 at 512 px: inputs of 128*64 = 8192) with 8192 latents, float32 (537 MB). Its own
   process, so that making it never counts in the measured peak.
 * ``python memory_checks.py measure FILE``: sample the small UNet at 512 px (1 step, CFG batch of 2) twice
   unpatched, then with Load Bias SAE's handle on FILE and Apply Feature Intervention (add, top 10 of 2 classes),
   then with a scale edit (which needs the encoder); the peak RSS (``ru_maxrss``) after each.
+
+glibc's malloc raises its mmap threshold as large blocks are freed, after which the next run's tensors come
+from a fragmented heap and the peak RSS of a repeated unpatched run wanders by tens of MB. The script runs
+itself again with a fixed threshold (``MALLOC_MMAP_THRESHOLD_``: every block over 64 KiB is its own mapping,
+returned when freed), so the peak follows the tensors alive at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -26,7 +32,7 @@ comfy.cli_args.args.cpu = True  # before the first import of comfy.model_managem
 import comfy.sample  # noqa: E402
 from reliability_checks import PromptClip, load_plugin, plugin_module, small_unet  # noqa: E402
 
-WIDTH, KERNEL, LATENTS, K = 128, 8, 4096, 64
+WIDTH, KERNEL, LATENTS, K = 128, 8, 8192, 64
 
 
 def peak_bytes() -> int:
@@ -89,5 +95,9 @@ def measure(path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        )
     torch.set_num_threads(2)
     {"make": make, "measure": measure}[sys.argv[1]](Path(sys.argv[2]))
