@@ -267,9 +267,11 @@ def memory_summary(children: dict, files: dict, device: str) -> dict:
     base = children.get("unpatched", {})
     summary = {}
     for name, child in children.items():
-        if name == "unpatched" or "error" in child or "error" in base:
+        if name == "unpatched" or "error" in child or "error" in base:  # variant#2 ... are compared too
             continue
-        size = files.get(name.split("_", 1)[1]) or next(iter(child["sae_file_bytes"].values()), 0)
+        size = files.get(name.split("#")[0].split("_", 1)[-1]) or next(
+            iter(child["sae_file_bytes"].values()), 0
+        )
         entry = {}
         for key in (
             "sampling_peak_bytes",
@@ -287,24 +289,31 @@ def report(results: dict) -> None:
     for size, result in results["sizes"].items():
         timing = result["timing"]
         if "error" in timing:
-            print(f"\n{size}: timing failed: {timing['error']}")
-            continue
-        if timing.get("partial"):
-            print(f"\n{size}: stopped by --child-timeout after {timing['blocks']} block(s)")
-        print(f"\n{size} UNet at {timing['pixels']} px, {timing['dtype']}, {timing['threads']} threads, "
-              f"{timing['blocks']} blocks x {timing['steps_per_call']} call(s)")  # fmt: skip
-        for name, block in timing["seconds_per_block"].items():
-            print(f"  {name:16s} median {bs.median_interval(block['wall']).ratio:8.3f} s per turn")
-        for name, ratios in timing["ratios"].items():
-            for kind, value in ratios.items():
-                print(f"  {name:16s} {kind:12s} {bs.RatioInterval(**value)}")
-        for name, reason in timing["skipped"].items():
-            print(f"  {name:16s} not run: {reason[:300]}")
+            print(f"\n{size}: timing: {timing['error']}")
+        else:
+            report_timing(size, timing)
+        for name, child in result.get("memory", {}).items():
+            if "error" in child:
+                print(f"  {name:16s} memory child failed: {child['error'][-300:]}")
         for name, entry in result.get("memory_summary", {}).items():
             for key in ("sampling_peak", "load_peak", "device_peak"):
                 if f"{key}_extra_bytes" in entry:
                     print(f"  {name:16s} {key.replace('_', ' ')} {entry[f'{key}_extra_bytes'] / 2**20:+9.1f} MiB "
                           f"({100 * (entry[f'{key}_extra_of_file'] or 0):+.2f}% of the SAE file) above unpatched")  # fmt: skip
+
+
+def report_timing(size: str, timing: dict) -> None:
+    if timing.get("partial"):
+        print(f"\n{size}: stopped by --child-timeout after {timing['blocks']} block(s)")
+    print(f"\n{size} UNet at {timing['pixels']} px, {timing['dtype']}, {timing['threads']} threads, "
+          f"{timing['blocks']} blocks x {timing['steps_per_call']} call(s)")  # fmt: skip
+    for name, block in timing["seconds_per_block"].items():
+        print(f"  {name:16s} median {bs.median_interval(block['wall']).ratio:8.3f} s per turn")
+    for name, ratios in timing["ratios"].items():
+        for kind, value in ratios.items():
+            print(f"  {name:16s} {kind:12s} {bs.RatioInterval(**value)}")
+    for name, reason in timing["skipped"].items():
+        print(f"  {name:16s} not run: {reason[:300]}")
 
 
 def main() -> None:
@@ -320,7 +329,14 @@ def main() -> None:
     memory = {size: variants.split("+") for size, variants in per_size(args.memory).items()}
     for size in split(args.sizes):
         timing = run_child(args, "timing", size) if args.timing else {"error": "not run (--no-timing)"}
-        children = {v: run_child(args, "memory", size, v) for v in memory.get(size, [])}
+        children = {}
+        for variant in memory.get(size, []):  # a repeated variant is kept as variant#2, ... (the noise)
+            key = (
+                variant
+                if variant not in children
+                else f"{variant}#{sum(k.split('#')[0] == variant for k in children) + 1}"
+            )
+            children[key] = run_child(args, "memory", size, variant)
         result = {"timing": timing, "memory": children}
         if children:
             result["memory_summary"] = memory_summary(children, timing.get("sae_file_bytes", {}), args.device)
