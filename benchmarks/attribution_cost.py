@@ -1,21 +1,23 @@
 """What Attribute Bias Features costs beyond the paired sampling it needs (real ComfyUI, its own UNet).
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/attribution_cost.py [--pairs 4] [--device cpu|cuda]
-        [--channels 64] [--samples 8] [--steps 4] [--json out.json]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/attribution_cost.py [--pairs 8] [--device cpu|cuda]
+        [--channels 320] [--pixels 256] [--samples 4] [--steps 2] [--json out.json]
 
 The node (``DiffBiasAttributeFeatures``, integrated gradients, the SAE from Load Bias SAE) runs on ComfyUI's
-SD1.5 UNet with seeded random weights (``--channels`` base channels: 64 at 256 px keeps a CPU run in
-minutes; 320 is the real width) and a stand-in text encoder; next to each node call, the same paired runs are sampled
-plainly (same prompts, seeds, batches, sampler; no recorder): ``comfy.sample.sample`` as KSampler calls it.
-Calls alternate (node first in even pairs, plain first in odd ones). Two ratios, each the median over
-pairs with a distribution-free 95% interval:
+SD1.5 UNet with seeded random weights (``--channels`` base channels: 320, the real width, by default; 256 px
+gives a 1280 x 4 x 4 bottleneck and a run of about 30 s on 2 CPU cores) and a stand-in text encoder; next to
+each node call, the same paired runs are sampled plainly (same prompts, seeds, batches, sampler; no
+recorder): ``comfy.sample.sample`` as KSampler calls it. Calls alternate (node first in even pairs, plain
+first in odd ones). Two ratios, each the median over pairs with a distribution-free interval:
 
 * ``node_over_plain``: the whole node / the plain paired sampling (goal <= 1.10);
 * ``node_over_own_sampling``: the whole node / the node's own sampler runs (recorder included), timed by an
   OUTER_SAMPLE wrapper on the input model.
 
-The per-token SAE is ``4 x width`` latents, k 32, at ``unet.middle`` (width = 4 x channels), so that SAE and
-UNet scale together: the ratio at 64 channels approximates the one at 320.
+The per-token SAE is ``4 x width`` latents, k 32, at ``unet.middle`` (width = 4 x channels). The probe fits,
+integrated gradients and the spool cost about 0.1 s beyond the sampling at 64 channels and 0.3 s at 320 on
+this machine's CPU, so a narrow UNet (``--channels 64``: a run of about 1 s) shows that fixed cost as a ratio
+of about 1.1, and only the real width shows the ratio a user sees.
 """
 
 from __future__ import annotations
@@ -37,23 +39,25 @@ PROMPTS = "a photo of a male person\na photo of a female person"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3, help="node / plain pairs (after one warm-up pair)")
-    parser.add_argument("--channels", type=int, default=64, help="UNet base channels (SD1.5: 320)")
+    parser.add_argument("--pairs", type=int, default=8, help="node / plain pairs (after one warm-up pair)")
+    parser.add_argument("--channels", type=int, default=320, help="UNet base channels (SD1.5: 320)")
     parser.add_argument("--pixels", type=int, default=256, help="image side (256: a 4x4 bottleneck)")
-    parser.add_argument("--samples", type=int, default=8, help="images per class")
+    parser.add_argument("--samples", type=int, default=4, help="images per class")
     parser.add_argument("--batch-size", type=int, default=4, help="images per sampler run")
-    parser.add_argument("--steps", type=int, default=4, help="sampler steps")
+    parser.add_argument("--steps", type=int, default=2, help="sampler steps")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument(
         "--dtype", default="", help="UNet dtype (default float32 on the CPU, float16 on CUDA)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "diffbias_bench_cache")
-    parser.add_argument("--quick", action="store_true", help="1 pair, 2 steps, 4 samples, 128 px: a check")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 pair, 2 steps, 4 samples, 64 channels, 128 px: a check"
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.pairs, args.steps, args.samples, args.pixels = 1, 2, 4, 128
+        args.pairs, args.steps, args.samples, args.pixels, args.channels = 1, 2, 4, 128, 64
     return args
 
 
