@@ -21,7 +21,8 @@ patches around the plugin's output-block patch): 1 + hook / unpatched step, the 
 
 Memory: each variant samples one step in its own child process; the peak RSS of that step (VmHWM reset
 just before it, so building the UNet does not count; the SAE loaded before it does, being resident) and, on
-CUDA, ``max_memory_allocated``, beside the unpatched child's. Load Bias SAE + Apply's own peak is reported
+CUDA, ``max_memory_allocated``, beside the unpatched child's, with glibc's mmap threshold fixed in every memory child
+(``MALLOC_MMAP_THRESHOLD_``, see ``run_child``). Load Bias SAE + Apply's own peak is reported
 apart. ``--quick``: 64-channel UNets of the same layouts and few blocks (checks the script end to end).
 """
 
@@ -249,9 +250,13 @@ def run_child(args, kind: str, size: str, variant: str = "") -> dict:
         passed = without_json(sys.argv[1:])
         command = [sys.executable, __file__, *passed, "--child", kind, "--size", size, "--out", str(out)]
         command += ["--variant", variant] if variant else []
+        # memory: glibc's malloc raises its mmap threshold as large blocks are freed, and a child's peak then
+        # wanders with its heap's history (~75 MiB between two unpatched fp32 SD1.5 children); a fixed
+        # threshold makes every block over 64 KiB its own mapping, so the peak follows the tensors alive at once
+        env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if kind == "memory" else {})}
         try:
             done = subprocess.run(
-                command, timeout=args.child_timeout, stdout=None, stderr=subprocess.PIPE, text=True
+                command, timeout=args.child_timeout, stdout=None, stderr=subprocess.PIPE, text=True, env=env
             )
         except subprocess.TimeoutExpired:
             if out.is_file():  # the blocks measured before the limit
