@@ -12,19 +12,24 @@ the recorded one (which the verified header covers). A file without digests has 
 the same stream and compared with the recorded one when there is one. The encoder and biases are not read,
 so damage there shows only when the whole SAE is loaded.
 
-Rows are read directly from native, sparsify and DiffLens (kernel > 1) files, whose decoder rows lie
-contiguous in the file. SAELens (whose rows are folded with per-latent factors) and DiffLens kernel-1 (whose
-decoder is stored transposed) SAEs are loaded whole on the first row request.
+Rows are read directly from every layout but one: native, sparsify and DiffLens kernel > 1 files hold them
+contiguous; a DiffLens kernel-1 decoder is stored transposed, (C, L, 1, 1), so a row is a column, read stored
+row by stored row (a chunk at a time) or, for the fingerprint, as blocks of columns; an SAELens decoder's rows
+are multiplied by its per-latent ``scaling_factor`` as the importer does (float32 product, cast back), which
+gives the same bits row by row. An SAELens file with ``rescale_acts_by_decoder_norm`` is loaded whole on the
+first row request: the importer divides each row by its norm, a reduction whose rounding may depend on how
+many rows are reduced at once, and a row read alone must equal the loaded SAE's bit for bit (its fingerprint
+ties the feature sets to it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import math
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,8 +44,25 @@ from .native import _native_parts, _read_native_header, build_sae
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 2**20
-_ROW_TENSOR = {"native": "W_dec", "sparsify": "W_dec", "difflens": "decoder.weight"}
-"""The tensor whose rows are the canonical decoder rows, per layout (DiffLens: only for kernel > 1)."""
+_ROW_TENSOR = {"native": "W_dec", "sparsify": "W_dec", "difflens": "decoder.weight", "saelens": "W_dec"}
+"""The tensor that holds the canonical decoder rows, per layout."""
+
+
+class _RowSource(NamedTuple):
+    """Where the canonical decoder rows lie in the weight file, and what makes a stored row one."""
+
+    name: str
+    """The decoder tensor's name in the file."""
+    offset: int
+    """Absolute file offset of its first byte."""
+    dtype: torch.dtype
+    """Its stored dtype (the canonical rows' dtype too)."""
+    shape: tuple[int, ...]
+    """The canonical decoder's shape, (L, ...) (what the fingerprint hashes with the rows)."""
+    transposed: bool
+    """Stored as (n_in, L) (DiffLens kernel 1): latent j's row is column j."""
+    factor: Tensor | None
+    """(L,) float32 per-latent factor multiplied into every row (SAELens ``scaling_factor``), or None."""
 
 
 class SaeHandle:
@@ -91,7 +113,7 @@ class SaeHandle:
     def fingerprint(self) -> str:
         """:meth:`SparseAutoencoder.fingerprint` of the decoder, after verifying it (see the module doc)."""
         if self._fingerprint is None:
-            if self._loaded is not None or self.layout not in _ROW_TENSOR or self._row_tensor() is None:
+            if self._loaded is not None or self._row_source() is None:
                 self._fingerprint = self.load().fingerprint()
             else:
                 self._fingerprint = self._verify_decoder()
@@ -103,59 +125,106 @@ class SaeHandle:
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_latents):
             raise ValueError(f"latent ids must lie in [0, {self.num_latents}), got {ids.tolist()}")
         self.fingerprint()
-        if self._loaded is not None or self._row_tensor() is None:
+        source = None if self._loaded is not None else self._row_source()
+        if source is None:
             return self.load().w_dec_flat.detach()[ids].clone()
-        name, entry, start = self._row_tensor()
-        out = torch.empty(ids.numel(), self.n_in, dtype=TORCH_DTYPES[entry["dtype"]])  # (U, n_in)
-        row_bytes = self.n_in * out.element_size()
-        view = memoryview(byte_view(out))
         with open(self.path, "rb") as file:
-            for i, latent in enumerate(ids.tolist()):
-                file.seek(start + entry["data_offsets"][0] + latent * row_bytes)
-                if file.readinto(view[i * row_bytes : (i + 1) * row_bytes]) != row_bytes:
-                    raise FormatError(f"{self.path}: the file ended inside row {latent} of tensor {name!r}")
-        return out.to(self.dtype)
+            rows = self._read_rows(file, source, ids.tolist())  # (U, n_in)
+        return _canonical(source, rows, ids).to(self.dtype)
 
     # ------------------------------------------------------------------ file access
-    def _row_tensor(self) -> tuple[str, dict[str, Any], int] | None:
-        """(name, header entry, data start) of the tensor holding contiguous decoder rows, or None."""
-        if self.layout not in _ROW_TENSOR or (self.layout == "difflens" and self.kernel_size == 1):
+    def _row_source(self) -> _RowSource | None:
+        """Where this file's decoder rows lie, or None when they are not read apart (see the module doc)."""
+        if self.path is None or self.layout not in _ROW_TENSOR:
             return None
         header = read_header(self.path)
         name = _ROW_TENSOR[self.layout]
-        return name, header.entries[name], header.data_start
+        entry = header.entries[name]
+        factor = None
+        if self.layout == "saelens":
+            config = self.path.parent / "cfg.json"  # checked by open_sae
+            if json.loads(config.read_text(encoding="utf-8")).get("rescale_acts_by_decoder_norm", False):
+                return None
+            if "scaling_factor" in header.entries:
+                factor = self._read_tensor(header, "scaling_factor").float()  # (L,)
+        dtype = TORCH_DTYPES[entry["dtype"]]
+        offset = header.data_start + entry["data_offsets"][0]
+        transposed = self.layout == "difflens" and self.kernel_size == 1
+        shape = (self.num_latents, self.n_in) if transposed else tuple(entry["shape"])
+        return _RowSource(name, offset, dtype, shape, transposed, factor)
+
+    def _read_tensor(self, header, name: str) -> Tensor:
+        """A small tensor of the file, whole, checked to be finite."""
+        entry = header.entries[name]
+        out = torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]])
+        with open(self.path, "rb") as file:
+            _read_into(file, header.data_start + entry["data_offsets"][0], out, self.path, name)
+        if not _all_finite(out):
+            raise FormatError(f"{self.path}: tensor {name!r} holds non-finite values (NaN or inf)")
+        return out
+
+    def _read_rows(self, file: BinaryIO, source: _RowSource, ids: list[int]) -> Tensor:
+        """(U, n_in) stored rows of latents ``ids`` (any order, repeats allowed), before ``source.factor``."""
+        n_in, latents = self.n_in, self.num_latents
+        out = torch.empty(len(ids), n_in, dtype=source.dtype)
+        row_bytes, where = n_in * out.element_size(), (self.path, source.name)
+        if not source.transposed:
+            for i, latent in enumerate(ids):
+                _read_into(file, source.offset + latent * row_bytes, out[i], *where)
+            return out
+        index = torch.tensor(ids, dtype=torch.int64)
+        stored_bytes = latents * out.element_size()  # one stored row: one channel of every latent
+        per_chunk = max(1, _CHUNK_BYTES // stored_bytes)
+        chunk = torch.empty(min(per_chunk, n_in), latents, dtype=source.dtype)  # stored rows, reused
+        for first in range(0, n_in, per_chunk):
+            part = chunk[: min(per_chunk, n_in - first)]
+            _read_into(file, source.offset + first * stored_bytes, part, *where)
+            out[:, first : first + part.shape[0]] = part[:, index].T
+        return out
+
+    def _read_block(self, file: BinaryIO, source: _RowSource, first: int, out: Tensor) -> Tensor:
+        """Stored rows of latents first .. first + len(out) - 1 into ``out`` (count, n_in), before the factor."""
+        item = out.element_size()
+        if not source.transposed:
+            _read_into(file, source.offset + first * self.n_in * item, out, self.path, source.name)
+            return out
+        columns = torch.empty(self.n_in, out.shape[0], dtype=source.dtype)  # (n_in, count)
+        for row in range(self.n_in):  # stored row `row` holds channel `row` of every latent
+            _read_into(file, source.offset + (row * self.num_latents + first) * item, columns[row], self.path,
+                       source.name)  # fmt: skip
+        out.copy_(columns.T)
+        return out
 
     def _verify_decoder(self) -> str:
         """Stream the decoder once: its recorded digest (native files with digests), finiteness, fingerprint."""
         header, metadata, _ = read_header(self.path)
         recorded = _recorded_digests(self.path, header, metadata) if self.layout == "native" else None
-        name, entry, start = self._row_tensor()
-        shape, dtype = tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]]
-        raw = hashlib.sha256(str(shape).encode())
-        # what SparseAutoencoder.fingerprint hashes: float32 rows (for a float32 file the same bytes as raw)
-        wide = raw if dtype == torch.float32 else hashlib.sha256(str(shape).encode())
-        row_elems = math.prod(shape[1:])
-        rows_per_chunk = max(1, _CHUNK_BYTES // max(1, row_elems * 4))
-        buffer = torch.empty(
-            min(rows_per_chunk, shape[0]), row_elems, dtype=dtype
-        )  # reused: memory stays small
+        source = self._row_source()
+        raw = hashlib.sha256(str(tuple(header[source.name]["shape"])).encode())  # the stored bytes, in order
+        # what SparseAutoencoder.fingerprint hashes: the canonical rows as float32 (for a native float32 file
+        # the same bytes as raw)
+        plain = source.dtype == torch.float32 and not source.transposed and source.factor is None
+        wide = raw if plain else hashlib.sha256(str(source.shape).encode())
+        latents = source.shape[0]
+        rows_per_chunk = max(1, _CHUNK_BYTES // max(1, self.n_in * 4))
+        buffer = torch.empty(min(rows_per_chunk, latents), self.n_in, dtype=source.dtype)  # reused: small
         with open(self.path, "rb") as file:
-            file.seek(start + entry["data_offsets"][0])
-            for first in range(0, shape[0], rows_per_chunk):
-                chunk = buffer[: min(rows_per_chunk, shape[0] - first)]
-                view = memoryview(byte_view(chunk))
-                if file.readinto(view) != len(view):
-                    raise FormatError(f"{self.path}: the file ended inside tensor {name!r}")
-                raw.update(view)
+            for first in range(0, latents, rows_per_chunk):
+                chunk = self._read_block(file, source, first, buffer[: min(rows_per_chunk, latents - first)])
+                if recorded is not None or wide is raw:  # the stored order (a native file: never transposed)
+                    raw.update(byte_view(chunk))
                 if not _all_finite(chunk):
-                    raise FormatError(f"{self.path}: tensor {name!r} holds non-finite values (NaN or inf)")
+                    raise FormatError(
+                        f"{self.path}: tensor {source.name!r} holds non-finite values (NaN or inf)"
+                    )
                 if wide is not raw:
-                    wide.update(chunk.to(torch.float32).numpy())
+                    ids = torch.arange(first, first + chunk.shape[0])
+                    wide.update(_canonical(source, chunk, ids).to(torch.float32).numpy())
         stored = metadata.get("fingerprint") if self.layout == "native" else None
-        if recorded is not None and recorded[name] != raw.hexdigest():
+        if recorded is not None and recorded[source.name] != raw.hexdigest():
             raise FormatError(
-                f"{self.path}: the data of tensor(s) [{name!r}] does not match the recorded digest: the file was "
-                "damaged (a bad copy, download or disk); get a good copy again"
+                f"{self.path}: the data of tensor(s) [{source.name!r}] does not match the recorded digest: the "
+                "file was damaged (a bad copy, download or disk); get a good copy again"
             )
         value = wide.hexdigest()[:16]
         if stored is not None and stored != value:
@@ -164,6 +233,21 @@ class SaeHandle:
                 "the file was damaged or its weights were changed"
             )
         return value
+
+
+def _canonical(source: _RowSource, rows: Tensor, ids: Tensor) -> Tensor:
+    """Stored rows (U, n_in) of latents ``ids`` (U,) as the importer makes them (SAELens: times the factor)."""
+    if source.factor is None:
+        return rows
+    return (rows.float() * source.factor[ids][:, None]).to(rows.dtype)  # the importer's float32 product
+
+
+def _read_into(file: BinaryIO, offset: int, out: Tensor, path: Path, name: str) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes at ``offset``; FormatError when the file ends."""
+    view = memoryview(byte_view(out))
+    file.seek(offset)
+    if file.readinto(view) != len(view):
+        raise FormatError(f"{path}: the file ended inside tensor {name!r}")
 
 
 def open_sae(

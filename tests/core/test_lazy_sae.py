@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from diffbias_core import FormatError, SparseAutoencoder, load_sae, save_sae
 from diffbias_core.sae.formats import read_header
 from diffbias_core.sae.lazy import SaeHandle, open_sae
-from tests.core.test_formats import write_difflens, write_sparsify
+from tests.core.test_formats import write_difflens, write_saelens, write_sparsify
 
 
 def native(tmp_path, dtype=torch.float32, kernel=1, name="sae.safetensors"):
@@ -103,22 +103,61 @@ def test_non_finite_rows_are_refused(tmp_path):
         open_sae(tmp_path / "nan.safetensors").decoder_rows(torch.tensor([0]))
 
 
-@pytest.mark.parametrize("layout", ["sparsify", "difflens-1", "difflens-4"])
-def test_published_layouts_give_the_rows_of_the_imported_sae(tmp_path, layout):
+PUBLISHED = ["sparsify", "difflens-1", "difflens-4", "saelens", "saelens-scaled", "saelens-rescaled"]
+
+
+def write_published(folder, layout, dtype=torch.float32, latents=12, d_in=4):
+    """An SAE folder in ``layout`` (see PUBLISHED); returns the weight file."""
     g = torch.Generator().manual_seed(5)
-    folder = tmp_path / "layer"
     if layout == "sparsify":
-        write_sparsify(folder, 4, 12, 2, g)
+        write_sparsify(folder, d_in, latents, 2, g)
+    elif layout.startswith("difflens"):
+        write_difflens(folder, d_in, latents, 2, int(layout[-1]), g)
     else:
-        write_difflens(folder, 4, 12, 2, int(layout[-1]), g)
-    whole = load_sae(folder)
-    handle = open_sae(folder / "sae.safetensors", hook="unet.middle")
-    ids = torch.tensor([1, 4, 11])
-    assert torch.equal(handle.decoder_rows(ids), whole.w_dec_flat.detach()[ids])
+        scaling = torch.rand(latents, generator=g) + 0.5 if layout == "saelens-scaled" else None
+        cfg = {"architecture": "topk", "k": 2, "rescale_acts_by_decoder_norm": layout == "saelens-rescaled"}
+        write_saelens(folder, d_in, latents, g, cfg, scaling=scaling)
+    weight = folder / ("sae_weights.safetensors" if layout.startswith("saelens") else "sae.safetensors")
+    if dtype != torch.float32:  # the same tensors stored in dtype
+        tensors = {name: t.to(dtype) for name, t in load_file(weight).items()}
+        save_file(tensors, weight)
+    return weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", PUBLISHED)
+def test_published_layouts_give_the_rows_of_the_imported_sae(tmp_path, layout, dtype):
+    weight = write_published(tmp_path / "layer", layout, dtype)
+    whole = load_sae(tmp_path / "layer")
+    handle = open_sae(weight, hook="unet.middle")
+    ids = torch.tensor([1, 4, 11, 4])
+    rows = handle.decoder_rows(ids)
+    assert rows.dtype == whole.dtype and torch.equal(rows, whole.w_dec_flat.detach()[ids])
     assert handle.fingerprint() == whole.fingerprint()
-    assert handle.is_loaded == (layout == "difflens-1"), (
-        "only the transposed kernel-1 decoder is loaded whole"
+    assert handle.is_loaded == (layout == "saelens-rescaled"), (
+        "only an SAELens decoder divided by its row norms is loaded whole"
     )
+
+
+@pytest.mark.parametrize("layout", ["difflens-1", "saelens-scaled"])
+def test_published_rows_stream_in_chunks(tmp_path, monkeypatch, layout):
+    """Chunks of a few rows (stored rows of a transposed decoder, blocks of latents for the fingerprint, the
+    last one shorter): the same rows and fingerprint as the whole load, and a damaged row is refused."""
+    import diffbias_core.sae.lazy as lazy
+
+    weight = write_published(tmp_path / "layer", layout, latents=40, d_in=6)
+    whole = load_sae(tmp_path / "layer")
+    monkeypatch.setattr(lazy, "_CHUNK_BYTES", 3 * 4 * 40 if layout == "difflens-1" else 3 * 4 * 6)
+    handle = open_sae(weight, hook="unet.middle")
+    ids = torch.tensor([39, 0, 17])
+    assert torch.equal(handle.decoder_rows(ids), whole.w_dec_flat.detach()[ids])
+    assert handle.fingerprint() == whole.fingerprint() and not handle.is_loaded
+    tensors = load_file(weight)
+    name = "decoder.weight" if layout == "difflens-1" else "W_dec"
+    tensors[name].reshape(-1)[-1] = float("inf")  # the last latent's last channel
+    save_file(tensors, weight)
+    with pytest.raises(FormatError, match=f"tensor {name!r} holds non-finite values"):
+        open_sae(weight, hook="unet.middle").decoder_rows(torch.tensor([0]))
 
 
 def test_out_of_range_ids_and_in_memory_handles(tmp_path):
