@@ -113,7 +113,11 @@ def _layout_label(entry: str) -> str | None:
         return None
     path = folder_paths.get_full_path(SAE_FOLDER, entry)
     try:
-        return folder + "/" if path is not None and os.path.isfile(os.path.join(os.path.dirname(path), "cfg.json")) else None
+        return (
+            folder + "/"
+            if path is not None and os.path.isfile(os.path.join(os.path.dirname(path), "cfg.json"))
+            else None
+        )
     except (OSError, ValueError):
         return None
 
@@ -191,7 +195,7 @@ def new_sae_path(name: str) -> str:
             f"would replace one; pick a name without '.features', e.g. {name[: -len('.features')] or 'my'}_sae"
         )
     folder = sae_folders()[0]
-    check_writable_name(os.path.join(folder, f"{name}.cancelled-99{SAE_SUFFIX}"))  # its longest form (free_path)
+    check_writable_name(os.path.join(folder, f"{name}.cancelled-99{SAE_SUFFIX}"))  # longest form (free_path)
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name + SAE_SUFFIX)
 

@@ -39,8 +39,10 @@ def class_prompts(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """
     lines = prompt_lines(text, "class prompts", minimum=2)
     named = [_NAMED.match(line) for line in lines]
-    if all(named) and len({m["name"].strip().lower() for m in named}) == len(lines) and not any(
-        m["name"].strip().lower() == "embedding" for m in named
+    if (
+        all(named)
+        and len({m["name"].strip().lower() for m in named}) == len(lines)
+        and not any(m["name"].strip().lower() == "embedding" for m in named)
     ):
         names, prompts = [m["name"].strip() for m in named], [m["prompt"].strip() for m in named]
     else:

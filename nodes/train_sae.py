@@ -153,7 +153,8 @@ class TrainSAE(io.ComfyNode):
             latent = empty_latent(model, run.batch, width, height)
             sample(recording, positives[run.prompt], negative, latent, run.seed, settings, progress)
             store.image += run.batch
-        source = MemorySource(store.batch(point.name), hook=point.name)  # the trainer copies what it trains on
+        # the trainer copies what it trains on
+        source = MemorySource(store.batch(point.name), hook=point.name)
         rows = source.num_rows * rows_per_activation(source.row_shape)
         result = _train(source, latents, k, rows, seed, info.family, progress)
         if result.interrupted:

@@ -115,7 +115,8 @@ class StepProbes:
 
 def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = x.mean(0)
-    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + torch.maximum(x.max(), -x.min())))  # max |x|, no copy
+    largest = torch.maximum(x.max(), -x.min())  # max |x| without a copy of x
+    std = x.std(0, unbiased=False).clamp_min(1e-6 * (1.0 + largest))
     return mean, std
 
 
@@ -172,7 +173,8 @@ def _fit_logistic(x: Tensor, y: Tensor, classes: int, config: ProbeConfig,
 
 def _fit_step(batch: ActivationBatch, held: Tensor, classes: Sequence[str], config: ProbeConfig, step: int,
               should_stop: Callable[[], bool] | None = None):  # fmt: skip
-    labelled = batch if bool((batch.label >= 0).all()) else batch.select(batch.label >= 0)  # no copy if all are
+    # no copy when every row is labelled
+    labelled = batch if bool((batch.label >= 0).all()) else batch.select(batch.label >= 0)
     test = torch.isin(labelled.sample, held)
     x = labelled.activations.reshape(labelled.num_rows, -1).float()  # (N, features)
     y = labelled.label

@@ -83,7 +83,9 @@ def remove_stale_temporaries(path: str | PathLike[str]) -> list[Path]:
         except OSError:
             continue  # another writer got there first, or not ours to remove
     if removed:
-        logger.info("removed %d temporary file(s) left by killed writes: %s", len(removed), [str(p) for p in removed])
+        logger.info(
+            "removed %d temporary file(s) left by killed writes: %s", len(removed), [str(p) for p in removed]
+        )
     return removed
 
 

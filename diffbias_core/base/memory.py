@@ -22,7 +22,9 @@ def available_memory() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as file:
             fields = dict(line.split(":", 1) for line in file if ":" in line)
-        return sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields)
+        return sum(
+            int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields
+        )
     except (OSError, ValueError):
         return None
 
@@ -64,4 +66,11 @@ def activation_bytes(images: int, steps: int, row_shape: tuple[int, ...], itemsi
     return images * steps * math.prod(row_shape) * itemsize
 
 
-__all__ = ["activation_bytes", "available_memory", "check_disk_fits", "check_fits", "format_bytes", "free_disk"]
+__all__ = [
+    "activation_bytes",
+    "available_memory",
+    "check_disk_fits",
+    "check_fits",
+    "format_bytes",
+    "free_disk",
+]

@@ -177,7 +177,9 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_attribution_memory(sae, shards: StepShards, config: AttributionConfig, probes: ProbeConfig | None) -> None:
+def _check_attribution_memory(
+    sae, shards: StepShards, config: AttributionConfig, probes: ProbeConfig | None
+) -> None:
     """Print the RAM the run will need at its peak (one step at a time); MemoryError when it is not there."""
     per_step = int(shards.column("step").unique(return_counts=True)[1].max())
     need = attribution_memory(sae, shards.row_shape, images=per_step, steps=len(shards.steps()),

@@ -45,7 +45,9 @@ def _describe_features(path: Path, header: dict[str, dict], metadata: dict[str, 
     return {
         "kind": "features",
         "path": str(path),
-        **{key: value for key, value in metadata.items() if key not in ("classes", "provenance", DIGESTS_KEY)},
+        **{
+            key: value for key, value in metadata.items() if key not in ("classes", "provenance", DIGESTS_KEY)
+        },
         "classes": classes,
         "features_per_class": counts,
         "provenance": _json_or_text(metadata.get("provenance", "{}")),

@@ -37,6 +37,8 @@ from ..base.tensorfile import DTYPES, read_header
 SHARD_FORMAT = "diffbias.activations"
 SHARD_VERSION = "1"
 REQUIRED = ("activations", "step", "label", "sample")
+
+
 class ActivationBatch(NamedTuple):
     """N hooked activations with their sampling context (all tensors share the leading dim N).
 

@@ -72,7 +72,9 @@ class StepShards:
             for what, a, b in (("hook", first.hook, info.hook), ("row shape", first.row_shape, info.row_shape),
                                ("classes", first.classes, info.classes)):  # fmt: skip
                 if a != b:
-                    raise ValueError(f"shards disagree on {what}: {first.path} has {a!r}, {info.path} has {b!r}")
+                    raise ValueError(
+                        f"shards disagree on {what}: {first.path} has {a!r}, {info.path} has {b!r}"
+                    )
             parts.append(_small_columns(reader))
             stored = reader.rows(slice(0, 0)).activations.dtype
         self.hook, self.classes, self.row_shape = first.hook, first.classes, first.row_shape

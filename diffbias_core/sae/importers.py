@@ -56,7 +56,8 @@ def import_folder(folder: Path, *, load: bool) -> SparseAutoencoder:
     cfg_path, weight_path = folder / "cfg.json", weights[0]
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, a too long integer
+    # ValueError: UnicodeDecodeError, JSONDecodeError, a too long integer
+    except (OSError, ValueError) as error:
         raise FormatError(f"{cfg_path}: not readable as JSON ({error})") from None
     except RecursionError:
         raise FormatError(f"{cfg_path}: JSON nested too deeply to be an SAE config") from None

@@ -334,7 +334,9 @@ class SparseAutoencoder(nn.Module):
         rows = self.W_dec.detach().reshape(self.W_dec.shape[0], -1)  # (L, n_in), C order
         chunk = max(1, (4 << 20) // max(1, rows.shape[1]))  # about 16 MB of float32 at a time
         for start in range(0, rows.shape[0], chunk):
-            digest.update(rows[start : start + chunk].to(device="cpu", dtype=torch.float32).contiguous().numpy())
+            digest.update(
+                rows[start : start + chunk].to(device="cpu", dtype=torch.float32).contiguous().numpy()
+            )
         value = digest.hexdigest()[:16]
         self._fingerprint = (key, value)
         return value
@@ -352,7 +354,8 @@ class SparseAutoencoder(nn.Module):
 
     def _fingerprint_key(self) -> tuple:
         w = self.W_dec
-        version = -1 if w.is_inference() else w._version  # inference tensors (ComfyUI's loads) keep no version
+        # inference tensors (ComfyUI's loads) keep no version
+        version = -1 if w.is_inference() else w._version
         return (w.data_ptr(), version, tuple(w.shape), w.dtype, w.device)
 
     def extra_repr(self) -> str:

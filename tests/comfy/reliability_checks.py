@@ -410,7 +410,8 @@ def check_attribute_memory(mapping) -> dict:
 
         comfy.utils.set_progress_bar_global_hook(watch)
         try:
-            out["text"] = attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()).result[2]
+            outputs = attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()).result
+            out["text"] = outputs[2]
         finally:
             comfy.utils.set_progress_bar_global_hook(None)
         out["spooled_bytes"] = max(seen, default=0)
@@ -436,10 +437,15 @@ def check_attribute_memory(mapping) -> dict:
 
         node.attribute = failing
         try:
-            out["error"] = error_of(lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs()))
+            out["error"] = error_of(
+                lambda: attribute.execute(model, PromptClip(), sae_wire(sae), **attribute_inputs())
+            )
         finally:
             node.attribute = real_attribute
-        hook = lambda value, total, preview, node_id=None: value >= 4 and comfy.model_management.interrupt_current_processing(True)  # noqa: E501, E731
+
+        def hook(value, total, preview, node_id=None):
+            return value >= 4 and comfy.model_management.interrupt_current_processing(True)
+
         comfy.utils.set_progress_bar_global_hook(hook)
         try:
             out["cancelled"] = run_interrupted(

@@ -130,7 +130,9 @@ def test_reliability_attribute_states_and_checks_its_memory(results):
     assert out["expected"].endswith("temporary disk 16.7 KiB"), out["expected"]
     assert f"(memory: {out['expected']})" in out["text"], out
     assert 0 < out["spooled_bytes"] <= out["disk"], out
-    assert out["refused_ram"].startswith("MemoryError") and "only 4.0 KiB is available" in out["refused_ram"], out
+    assert (
+        out["refused_ram"].startswith("MemoryError") and "only 4.0 KiB is available" in out["refused_ram"]
+    ), out
     assert out["refused_disk"].startswith("OSError") and "of disk in" in out["refused_disk"], out
     assert out["refused_ram_model_calls"] == 0 and out["refused_disk_model_calls"] == 0, out
     assert any(name.startswith("diffbias-activations-") for name in out["spooled_at_error"]), out

@@ -108,7 +108,13 @@ def test_reliability_spool_files_are_removed_on_error_and_on_cancel(tmp_path, pl
                 spool.add(part)
             source = spool.source()
             probes = fit_probes(source, ProbeConfig(iterations=5))
-            attribute(sae, source, AttributionConfig(points=2), probes, should_stop=lambda: calls.append(1) or len(calls) > 1)
+            attribute(
+                sae,
+                source,
+                AttributionConfig(points=2),
+                probes,
+                should_stop=lambda: calls.append(1) or len(calls) > 1,
+            )
     assert len(calls) == 2 and spool_folders(tmp_path) == []
     assert list(tmp_path.iterdir()) == []
 
@@ -131,7 +137,9 @@ def test_reliability_cli_attribute_streams_the_same_features(tmp_path, planted, 
     assert args.run(args) == 0
     assert "of RAM at most" in capsys.readouterr().out
     assert StepShards(paths).num_rows == problem.batch.num_rows
-    memory = MemorySource(concat_batches([read_shard(p)[0] for p in paths]), hook="toy.mid", classes=problem.classes)
+    memory = MemorySource(
+        concat_batches([read_shard(p)[0] for p in paths]), hook="toy.mid", classes=problem.classes
+    )
     config = AttributionConfig(top_k=4, points=4)
     expected = attribute(sae, memory, config, fit_probes(memory, ProbeConfig(iterations=20, holdout=0.25)))
     written = load_features(tmp_path / "f.safetensors")
@@ -214,7 +222,9 @@ print(json.dumps({"grown": peak() - before, "need": need.ram, "step": need.step,
 """
 
 
-def _measure(mode: str, steps: int, channels: int = 32, size: int = 32, samples: int = 16, latents: int = 64) -> dict:
+def _measure(
+    mode: str, steps: int, channels: int = 32, size: int = 32, samples: int = 16, latents: int = 64
+) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed blocks go back
     argv = [mode, *map(str, (steps, channels, size, samples, latents))]
     result = subprocess.run([sys.executable, "-c", _MEASURE, *argv], cwd=REPO, capture_output=True, text=True,

@@ -210,7 +210,12 @@ def test_copy_to_copies_everything_and_shares_nothing(kernel_size):
     sae = make_sae(kernel_size=kernel_size)
     sae.hook, sae.model_family, sae.provenance = "dit.single.4", "flux", {"steps": "12"}
     fingerprint = sae.fingerprint()
-    for device, dtype in ((None, None), ("cpu", torch.float32), ("cpu", torch.float64), (None, torch.bfloat16)):
+    for device, dtype in (
+        (None, None),
+        ("cpu", torch.float32),
+        ("cpu", torch.float64),
+        (None, torch.bfloat16),
+    ):
         copy = sae.copy_to(device, dtype)
         want = sae.dtype if dtype is None else dtype
         assert (copy.d_in, copy.num_latents, copy.k, copy.kernel_size) == (6, 20, 3, kernel_size)
@@ -238,5 +243,7 @@ def test_copy_to_in_low_precision_keeps_an_unknown_fingerprint_of_the_source():
     assert sae.known_fingerprint() is None
     half = sae.copy_to(dtype=torch.float16)
     assert half.known_fingerprint() == sae.fingerprint()
-    assert SparseAutoencoder.from_weights(*(getattr(half, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")),
-                                          3).fingerprint() != sae.fingerprint()  # fmt: skip  (rounding shows)
+    rebuilt = SparseAutoencoder.from_weights(
+        *(getattr(half, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")), 3
+    )
+    assert rebuilt.fingerprint() != sae.fingerprint()  # the rounding to float16 shows

@@ -343,7 +343,8 @@ def test_a_checkpoint_of_format_version_1_resumes(tmp_path, planted):
     for name in ("ck.safetensors", "ck.state.safetensors"):
         shutil.copy(data / name, tmp_path / name)
     restored = load_checkpoint(tmp_path / "ck.safetensors")
-    assert restored.run.step == 18 and restored.best is not None and restored.fill > 0  # stopped after step 17's chunk
+    # stopped after step 17's chunk
+    assert restored.run.step == 18 and restored.best is not None and restored.fill > 0
     assert restored.optimizer.state and restored.facts == {"epoch": "0", "chunk": "23"}
     x, _ = planted.planted_rows(9, width=8, atoms=12, k=2, rows=1_500, noise=0.01)
     rest = train_sae(_source(x), _config(), checkpoint=tmp_path / "ck.safetensors", resume=True,
