@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import mmap
 import random
 from pathlib import Path
 
@@ -79,8 +80,12 @@ def test_peak_rss_follows_an_allocation_and_resets() -> None:
         pytest.skip("peak RSS needs Linux /proc/self/clear_refs")
     bench_stats.reset_peak_rss()
     before = bench_stats.peak_rss_bytes()
-    block = bytearray(64 << 20)  # 64 MiB, touched by the zero fill
+    # 64 MiB of fresh pages, each written once: a mapping of its own, so memory that earlier tests freed into
+    # the heap (resident, reused by a plain allocation) cannot hide it
+    block = mmap.mmap(-1, 64 << 20)
+    for page in range(0, len(block), mmap.PAGESIZE):
+        block[page] = 1
     assert bench_stats.peak_rss_bytes() >= before + (60 << 20)
-    del block
+    block.close()  # unmapped: the pages leave the RSS
     bench_stats.reset_peak_rss()
     assert bench_stats.peak_rss_bytes() < before + (32 << 20)
