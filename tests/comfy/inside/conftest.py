@@ -11,9 +11,9 @@ Writing a test here: a module ``test_*.py`` in this folder, using the fixtures b
 ``comfy``, ``nodes``, ``folder_paths`` or ``diffbias_core`` at a test module's top (the parent session
 imports the module without ComfyUI; the core under test is ``plugin.core``, the plugin's own copy);
 import ComfyUI modules inside the test or through ``harness.py``'s functions: ``tiny_model`` (any
-``comfy.supported_models`` class from a small config; ``tiny_unet``, ``tiny_flux``), ``random_conds``,
-``first_step_predictions`` (cond / uncond of step 1), ``dit_block_inputs`` (what a DiT block receives),
-``run_classes`` (per-image classes of a run), ``assert_identical`` / ``assert_differs`` (messages that say
+``comfy.supported_models`` class from a small config; ``tiny_unet`` with ``tiny_latent``, ``tiny_flux``),
+``random_conds``, ``first_step_predictions`` (cond / uncond of step 1), ``dit_block_inputs`` (what a DiT block
+receives), ``run_classes`` (per-image classes of a run), ``assert_identical`` / ``assert_differs`` (messages that say
 what differed and by how much).
 """
 
@@ -88,6 +88,13 @@ def make_features(core):
     return lambda sae, classes=("male", "female"), **options: harness.make_features(
         core, sae, classes, **options
     )
+
+
+@pytest.fixture(scope="module")
+def unet_setup(make_sae, make_features):
+    """(tiny_unet(seed=0), a seeded SAE at its bottleneck, male/female features on it), one per test module."""
+    sae = make_sae(harness.TINY_UNET_WIDTH, harness.TINY_UNET_HOOK, harness.TINY_UNET_FAMILY)
+    return harness.tiny_unet(seed=0), sae, make_features(sae)
 
 
 @pytest.fixture(scope="session")

@@ -211,6 +211,15 @@ def tiny_model(config_class: str, unet_config: dict, seed: int):
     return patcher(base)
 
 
+TINY_UNET_HOOK, TINY_UNET_FAMILY, TINY_UNET_WIDTH = "unet.middle", "sd15", 64
+"""Where :func:`tiny_unet` is edited: its bottleneck, 64 channels."""
+
+
+def tiny_latent(batch: int = 2) -> torch.Tensor:
+    """An empty latent of :func:`tiny_unet`: (batch, 4 latent channels, 32 px / 8, 32 px / 8)."""
+    return torch.zeros(batch, 4, 4, 4)
+
+
 def tiny_unet(seed: int = 0, context_dim: int = 768):
     """ComfyUI's SD15 model class with a tiny UNet (32 channels, 2 levels; 64-channel bottleneck)."""
     from ..make_checkpoint import sd15_unet_config

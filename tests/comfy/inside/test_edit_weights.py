@@ -9,25 +9,14 @@ import weakref
 import pytest
 import torch
 
-from .harness import assert_differs, first_step_predictions, tiny_unet
+from .harness import TINY_UNET_HOOK, TINY_UNET_WIDTH, assert_differs, first_step_predictions, tiny_latent
 
-HOOK, FAMILY, WIDTH = "unet.middle", "sd15", 64
-
-
-@pytest.fixture(scope="module")
-def setup(make_sae, make_features):
-    model = tiny_unet(seed=0)
-    sae = make_sae(WIDTH, HOOK, FAMILY)
-    return model, sae, make_features(sae)
+HOOK, WIDTH = TINY_UNET_HOOK, TINY_UNET_WIDTH
 
 
 def conds(seed=4):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]]
-
-
-def latent(batch=2):
-    return torch.zeros(batch, 4, 4, 4)
 
 
 def forced(plugin, core, model, sae, features, spec, *, encoder, cond_only=True):
@@ -39,18 +28,18 @@ def forced(plugin, core, model, sae, features, spec, *, encoder, cond_only=True)
 
 
 @pytest.mark.parametrize("cond_only", [True, False])
-def test_add_without_the_encoder_equals_the_encoder_path(setup, plugin, core, cond_only):
-    model, sae, features = setup
+def test_add_without_the_encoder_equals_the_encoder_path(unet_setup, plugin, core, cond_only):
+    model, sae, features = unet_setup
     spec = core.EditSpec(mode="add", strength=6.0, top_k=6)
     free = forced(plugin, core, model, sae, features, spec, encoder=None, cond_only=cond_only)
     reference = forced(plugin, core, model, sae, features, spec, encoder=True, cond_only=cond_only)
     weights = free.model_options["transformer_options"]["patches"]["output_block_patch"][0].fn.weights.model
     assert weights.sae is None, "the add edit took the encoder path"
     got, expected = (
-        first_step_predictions(free, *conds(), latent()),
-        first_step_predictions(reference, *conds(), latent()),
+        first_step_predictions(free, *conds(), tiny_latent()),
+        first_step_predictions(reference, *conds(), tiny_latent()),
     )
-    plain = first_step_predictions(model, *conds(), latent())
+    plain = first_step_predictions(model, *conds(), tiny_latent())
     for kind, (a, b, p) in enumerate(zip(got, expected, plain, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
         if kind == 0 or not cond_only:
@@ -68,10 +57,12 @@ def _damage(path, tensor):
     path.write_bytes(bytes(data))
 
 
-def test_an_add_edit_reads_only_decoder_rows_from_the_file(setup, plugin, core, tmp_path, apply_intervention):
+def test_an_add_edit_reads_only_decoder_rows_from_the_file(
+    unet_setup, plugin, core, tmp_path, apply_intervention
+):
     """A file whose encoder is damaged: Load Bias SAE opens it, add edits (never reading the encoder), scale
     needs the encoder and names the damage."""
-    model, sae, features = setup
+    model, sae, features = unet_setup
     core.save_sae(sae, tmp_path / "sae.safetensors")
     _damage(tmp_path / "sae.safetensors", "W_enc")
     handle = plugin.module("diffbias_core.sae.lazy").open_sae(tmp_path / "sae.safetensors")
@@ -81,22 +72,22 @@ def test_an_add_edit_reads_only_decoder_rows_from_the_file(setup, plugin, core, 
                    end_percent=1.0, cond_only=True, seed=0)  # fmt: skip
     patched = node.execute(model, wire, features, **widgets).args[0]
     assert not handle.is_loaded, "the add edit loaded the whole SAE"
-    assert_differs(first_step_predictions(patched, *conds(), latent())[0],
-                   first_step_predictions(model, *conds(), latent())[0], "the add-edited cond prediction")  # fmt: skip
+    assert_differs(first_step_predictions(patched, *conds(), tiny_latent())[0],
+                   first_step_predictions(model, *conds(), tiny_latent())[0], "the add-edited cond prediction")  # fmt: skip
     with pytest.raises(core.FormatError, match=r"tensor\(s\) \['W_enc'\] does not match the recorded digest"):
         node.execute(model, wire, features, **{**widgets, "edit": "scale", "strength": 2.0})
 
 
-def test_comfyui_loads_counts_unloads_and_frees_the_sae_of_an_encoder_edit(setup, plugin, core):
+def test_comfyui_loads_counts_unloads_and_frees_the_sae_of_an_encoder_edit(unet_setup, plugin, core):
     import comfy.model_management as mm
 
-    model, sae, features = setup
+    model, sae, features = unet_setup
     patched = forced(plugin, core, model, sae, features, core.EditSpec(mode="scale", strength=2.0, top_k=6),
                      encoder=None)  # fmt: skip
     weights = patched.model_options["transformer_options"]["patches"]["output_block_patch"][0].fn.weights
     module = weakref.ref(weights.model)
     assert weights.model.sae is not None, "a scale edit must hold the SAE"
-    first_step_predictions(patched, *conds(), latent())
+    first_step_predictions(patched, *conds(), tiny_latent())
 
     def listed(patcher=weights):
         return [m for m in mm.current_loaded_models if m.model is patcher]
