@@ -5,7 +5,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffbias_core import FeatureSet, SparseAutoencoder
 from diffbias_core.intervene.additive import (
     add_deltas,
     class_deltas,
@@ -20,28 +19,9 @@ from diffbias_core.intervene.intervention import (
     edit_map,
     feature_table,
 )
+from tests.core.test_intervention import make_features, make_sae
 
 CLASS_IDS = [[3, 7, 1, 9], [7, 2], [5, 3, 11], [4]]  # 7 and 3 listed twice; short classes are padded
-
-
-def make_sae(d_in=6, num_latents=12, k=5, kernel_size=1, dtype=torch.float32, seed=0):
-    sae = SparseAutoencoder(d_in, num_latents, k, kernel_size=kernel_size)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return sae.to(dtype).requires_grad_(False)
-
-
-def make_features(class_ids=CLASS_IDS):
-    return FeatureSet(
-        classes=tuple(f"c{i}" for i in range(len(class_ids))),
-        ids=tuple(torch.tensor(ids, dtype=torch.int64) for ids in class_ids),
-        scores=tuple(torch.linspace(1, 0, len(ids)) for ids in class_ids),
-        sae_fingerprint="0" * 16,
-        hook="unet.middle",
-        method="test",
-    )
 
 
 def deltas_for(sae, table, spec):
@@ -57,7 +37,7 @@ ROWS = torch.tensor([0, 1, 2, -1, 3, 0, 7])  # 7: out of range, acts as -1
 def test_tokens_equal_the_encoder_path(dtype, top_k):
     sae = make_sae(dtype=dtype)
     spec = EditSpec("add", 1.7, top_k=top_k)
-    table = feature_table(make_features(), top_k)
+    table = feature_table(make_features(CLASS_IDS), top_k)
     x = torch.randn(7, 9, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = add_deltas(x, deltas_for(sae, table, spec), ROWS)
     expected = apply_edit(x, sae, table, ROWS, spec)
@@ -78,7 +58,7 @@ def test_tokens_equal_the_encoder_path(dtype, top_k):
 def test_maps_equal_the_encoder_path(dtype, kernel_size):
     sae = make_sae(kernel_size=kernel_size, dtype=dtype)
     spec = EditSpec("add", -2.5, top_k=1)
-    table = feature_table(make_features(), 1)
+    table = feature_table(make_features(CLASS_IDS), 1)
     side = 4 if kernel_size > 1 else 5
     h = torch.randn(7, 6, side, side, generator=torch.Generator().manual_seed(2)).to(dtype)
     out = add_deltas(h, deltas_for(sae, table, spec), ROWS)
@@ -101,7 +81,7 @@ def test_a_class_without_features_leaves_its_rows_bit_for_bit():
 
 def test_a_wrong_map_size_is_refused():
     sae = make_sae(kernel_size=4)
-    table = feature_table(make_features(), 2)
+    table = feature_table(make_features(CLASS_IDS), 2)
     deltas = deltas_for(sae, table, EditSpec("add", 1.0, top_k=2))
     with pytest.raises(ValueError, match=r"width 96 does not fit an activation of shape \(2, 6, 8, 8\)"):
         add_deltas(torch.zeros(2, 6, 8, 8), deltas, torch.tensor([0, 1]))
@@ -117,7 +97,7 @@ def test_a_wrong_map_size_is_refused():
 def test_random_edits_match_within_rounding(strength, top_k, rows, seed):
     sae = make_sae(seed=seed)
     spec = EditSpec("add", strength, top_k=top_k)
-    table = feature_table(make_features(), top_k)
+    table = feature_table(make_features(CLASS_IDS), top_k)
     x = torch.randn(len(rows), 5, 6, generator=torch.Generator().manual_seed(seed))
     classes = torch.tensor(rows)
     out = add_deltas(x, deltas_for(sae, table, spec), classes)
@@ -132,7 +112,7 @@ def test_half_precision_at_maximum_strength_stays_finite():
     with torch.no_grad():
         sae.W_dec.mul_(200.0)
     spec = EditSpec("add", 1000.0, top_k=1)
-    table = feature_table(make_features(), 1)
+    table = feature_table(make_features(CLASS_IDS), 1)
     x = torch.full((3, 2, 6), 60000.0, dtype=torch.float16)
     out = add_deltas(x, deltas_for(sae, table, spec), torch.tensor([0, 1, 2]))
     rows = sae.W_dec.double()[table.ids[:3, 0]]  # (3, 6) the one row of each class
@@ -153,7 +133,7 @@ def test_needs_encoder():
 
 def test_class_deltas_refuses_what_it_cannot_do():
     sae = make_sae()
-    table = feature_table(make_features(), 2)
+    table = feature_table(make_features(CLASS_IDS), 2)
     latents = listed_latents(table)
     with pytest.raises(ValueError, match="needs an 'add' edit"):
         class_deltas(sae.w_dec_flat[latents], latents, table, EditSpec("scale", 2.0))
