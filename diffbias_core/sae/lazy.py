@@ -24,6 +24,7 @@ ties the feature sets to it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -113,7 +114,7 @@ class SaeHandle:
     def fingerprint(self) -> str:
         """:meth:`SparseAutoencoder.fingerprint` of the decoder, after verifying it (see the module doc)."""
         if self._fingerprint is None:
-            if self._loaded is not None or self._row_source() is None:
+            if self._loaded is not None or self._row_source is None:
                 self._fingerprint = self.load().fingerprint()
             else:
                 self._fingerprint = self._verify_decoder()
@@ -125,7 +126,7 @@ class SaeHandle:
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_latents):
             raise ValueError(f"latent ids must lie in [0, {self.num_latents}), got {ids.tolist()}")
         self.fingerprint()
-        source = None if self._loaded is not None else self._row_source()
+        source = None if self._loaded is not None else self._row_source
         if source is None:
             return self.load().w_dec_flat.detach()[ids].clone()
         with open(self.path, "rb") as file:
@@ -133,8 +134,10 @@ class SaeHandle:
         return _canonical(source, rows, ids).to(self.dtype)
 
     # ------------------------------------------------------------------ file access
+    @functools.cached_property
     def _row_source(self) -> _RowSource | None:
-        """Where this file's decoder rows lie, or None when they are not read apart (see the module doc)."""
+        """Where this file's decoder rows lie, or None when they are not read apart (see the module doc); read
+        from the header once."""
         if self.path is None or self.layout not in _ROW_TENSOR:
             return None
         header = read_header(self.path)
@@ -199,7 +202,7 @@ class SaeHandle:
         """Stream the decoder once: its recorded digest (native files with digests), finiteness, fingerprint."""
         header, metadata, _ = read_header(self.path)
         recorded = _recorded_digests(self.path, header, metadata) if self.layout == "native" else None
-        source = self._row_source()
+        source = self._row_source
         raw = hashlib.sha256(str(tuple(header[source.name]["shape"])).encode())  # the stored bytes, in order
         # what SparseAutoencoder.fingerprint hashes: the canonical rows as float32 (for a native float32 file
         # the same bytes as raw)

@@ -190,3 +190,14 @@ def test_the_decoder_streams_in_chunks_of_rows(tmp_path, monkeypatch, dtype):
     )  # the last row
     with pytest.raises(FormatError, match=r"\['W_dec'\] does not match the recorded digest"):
         open_sae(path).fingerprint()
+
+
+def test_a_non_finite_saelens_scaling_factor_is_refused(tmp_path):
+    weight = write_published(tmp_path / "layer", "saelens-scaled")
+    tensors = load_file(weight)
+    tensors["scaling_factor"][3] = float("nan")
+    save_file(tensors, weight)
+    with pytest.raises(
+        FormatError, match=r"sae_weights.safetensors: tensor 'scaling_factor' holds non-finite"
+    ):
+        open_sae(weight, hook="unet.middle").decoder_rows(torch.tensor([0]))
